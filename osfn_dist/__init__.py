@@ -1,0 +1,25 @@
+"""osfn-dist: online saddle-free Newton (OSFN) for PyTorch, from a laptop to a Ray cluster."""
+from .core.config import OSFNConfig
+from .core.errors import (
+    ConfigError,
+    CurvatureServiceUnavailable,
+    DimensionMismatchError,
+    NonFiniteGradientError,
+    OSFNError,
+    VersionMismatchError,
+)
+from .dataflow.service import CurvatureService
+from .optimizer import OSFN
+
+__all__ = [
+    "OSFN",
+    "OSFNConfig",
+    "CurvatureService",
+    "OSFNError",
+    "ConfigError",
+    "DimensionMismatchError",
+    "VersionMismatchError",
+    "NonFiniteGradientError",
+    "CurvatureServiceUnavailable",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,110 @@
+"""Hyperparameters of OSFN, validated in one place.
+
+Every field is also a key of each ``param_group`` so LR schedulers (and users) can read
+and write it while training. Complement-optimizer fields act per group; the subspace
+fields act on the one subspace spanning all groups and are read from group 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from .errors import ConfigError
+
+COMPLEMENTS = ("sgd", "momentum", "nesterov", "adamw", "muon")
+SUBSPACE_RULES = ("oja", "replace", "oja+replace")
+EIGEN_METHODS = ("qr", "eigh")
+NONFINITE_POLICIES = ("skip", "raise")
+
+
+@dataclass
+class OSFNConfig:
+    # --- complement (first-order) optimizer: per param group ---
+    lr: float = 1e-3
+    complement: str = "adamw"
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    aux_lr: float = 3e-4  # AdamW lr for non-matrix params when complement == "muon"
+    # --- subspace curvature model: global (group 0) ---
+    subspace_dim: int = 8
+    forgetting: float = 0.05  # beta: weight of the newest sample in the regression EMAs
+    newton_lr: float = 0.5  # eta: fraction of the saddle-free Newton step taken
+    newton_momentum: float = 0.9  # EMA of subspace gradients the Newton step acts on
+    eig_floor: float = 1.0  # |lambda| floor: largest step per unit gradient is newton_lr/eig_floor
+    trust_radius: float = 1.0  # cap on the norm of the subspace step, in parameter units
+    ridge: float = 1e-3  # relative ridge on the position covariance
+    subspace_rule: str = "oja+replace"
+    subspace_rate: float = 0.1  # Oja rate (gamma)
+    replace_every: int = 10
+    basis_update_every: int = 1
+    reorth_every: int = 16
+    newton_warmup: int = 10  # steps of statistics before the first Newton step
+    eigen_method: str = "qr"
+    noise_damping: bool = True
+    nonfinite: str = "skip"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_group(cls, group: dict) -> "OSFNConfig":
+        return cls(**{k: group[k] for k in cls.field_names() if k in group})
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        def need(name: str, ok: bool, valid: str) -> None:
+            if not ok:
+                raise ConfigError(
+                    f"invalid OSFN hyperparameter {name}={getattr(self, name)!r}: must be {valid}"
+                )
+
+        def finite(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        need("lr", finite(self.lr) and self.lr >= 0, "a finite float >= 0")
+        need("aux_lr", finite(self.aux_lr) and self.aux_lr >= 0, "a finite float >= 0")
+        need("complement", self.complement in COMPLEMENTS, f"one of {COMPLEMENTS}")
+        need("momentum", finite(self.momentum) and 0 <= self.momentum < 1, "in [0, 1)")
+        need(
+            "betas",
+            isinstance(self.betas, (tuple, list))
+            and len(self.betas) == 2
+            and all(finite(b) and 0 <= b < 1 for b in self.betas),
+            "a pair (beta1, beta2), each in [0, 1)",
+        )
+        need("eps", finite(self.eps) and self.eps > 0, "a finite float > 0")
+        need("weight_decay", finite(self.weight_decay) and self.weight_decay >= 0, "a finite float >= 0")
+        need(
+            "subspace_dim",
+            isinstance(self.subspace_dim, int) and not isinstance(self.subspace_dim, bool)
+            and 0 <= self.subspace_dim <= 256,
+            "an int in [0, 256]",
+        )
+        need("forgetting", finite(self.forgetting) and 0 < self.forgetting <= 1, "in (0, 1]")
+        need("newton_lr", finite(self.newton_lr) and self.newton_lr >= 0, "a finite float >= 0")
+        need("newton_momentum", finite(self.newton_momentum) and 0 <= self.newton_momentum < 1, "in [0, 1)")
+        need("eig_floor", finite(self.eig_floor) and self.eig_floor > 0, "a finite float > 0")
+        need("trust_radius", finite(self.trust_radius) and self.trust_radius > 0, "a finite float > 0")
+        need("ridge", finite(self.ridge) and self.ridge > 0, "a finite float > 0")
+        need("subspace_rule", self.subspace_rule in SUBSPACE_RULES, f"one of {SUBSPACE_RULES}")
+        need("subspace_rate", finite(self.subspace_rate) and 0 <= self.subspace_rate <= 1, "in [0, 1]")
+        for name in ("replace_every", "basis_update_every", "reorth_every"):
+            v = getattr(self, name)
+            need(name, isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1")
+        need(
+            "newton_warmup",
+            isinstance(self.newton_warmup, int) and not isinstance(self.newton_warmup, bool)
+            and self.newton_warmup >= 0,
+            "an int >= 0",
+        )
+        need("eigen_method", self.eigen_method in EIGEN_METHODS, f"one of {EIGEN_METHODS}")
+        need("noise_damping", isinstance(self.noise_damping, bool), "True or False")
+        need("nonfinite", self.nonfinite in NONFINITE_POLICIES, f"one of {NONFINITE_POLICIES}")

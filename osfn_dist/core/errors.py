@@ -1,0 +1,26 @@
+"""Typed errors. Each message says what went wrong and what to do about it."""
+
+
+class OSFNError(Exception):
+    """Base class of every error osfn-dist raises on purpose."""
+
+
+class ConfigError(OSFNError, ValueError):
+    """An invalid hyperparameter or setting. Subclasses ValueError so callers of a
+    torch.optim.Optimizer see the usual exception type."""
+
+
+class DimensionMismatchError(OSFNError, ValueError):
+    """A message or state whose shapes do not match the subspace or the model."""
+
+
+class VersionMismatchError(OSFNError):
+    """A direction update computed for another basis version than the worker holds."""
+
+
+class NonFiniteGradientError(OSFNError, FloatingPointError):
+    """A NaN/Inf gradient with ``nonfinite='raise'``."""
+
+
+class CurvatureServiceUnavailable(OSFNError, ConnectionError):
+    """The curvature service (Ray actor or gRPC server) could not be reached in time."""

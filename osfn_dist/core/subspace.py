@@ -1,0 +1,66 @@
+"""The D-sized half of the subspace: what every worker does with its basis V (D, d).
+
+Only these functions touch D-sized data; they run on the worker's device. The decisions
+(how to rotate, which direction to replace) are d-sized and live in ``basis_rule``.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def project(basis: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    """Vᵀ v: basis (D, d), vec (D,) → (d,) in float32 or better."""
+    return basis.T @ vec.to(basis.dtype)
+
+
+def apply_basis_update(
+    basis: torch.Tensor,
+    grad: torch.Tensor,
+    grad_coords: torch.Tensor,
+    rotation: torch.Tensor | None,
+    residual_coef: torch.Tensor | None,
+) -> torch.Tensor:
+    """V_new = V A + (g − V y) cᵀ, in place where possible.
+
+    basis V (D, d); grad g (D,); grad_coords y = Vᵀg (d,); rotation A (d, d) or None
+    (identity); residual_coef c (d,) or None. The residual g − V y is the gradient's part
+    outside the subspace, so new directions enter orthogonal to the old ones.
+    """
+    residual = None
+    if residual_coef is not None:
+        residual = grad.to(basis.dtype) - basis @ grad_coords.to(basis.dtype)
+    if rotation is not None:
+        basis = basis @ rotation.to(basis.dtype)
+    if residual is not None:
+        basis.addr_(residual, residual_coef.to(basis.dtype))
+    return basis
+
+
+def cholesky_qr2(basis: torch.Tensor, alive: torch.Tensor | None = None) -> torch.Tensor:
+    """Re-orthonormalise V (D, d) by CholeskyQR, twice for accuracy.
+
+    Tall-skinny ``torch.linalg.qr`` is pathologically slow on GPUs (ENVIRONMENT.md); the
+    Gram matrix route costs one D×d² product and a d×d Cholesky (done in float64).
+    Columns not ``alive`` (still empty) are left at zero.
+    """
+    d = basis.shape[1]
+    if d == 0:
+        return basis
+    cols = torch.arange(d) if alive is None else torch.nonzero(alive.cpu(), as_tuple=False).flatten()
+    if cols.numel() == 0:
+        return basis
+    cols = cols.to(basis.device)
+    sub = basis.index_select(1, cols)
+    for _ in range(2):
+        gram = (sub.T @ sub).to(torch.float64)
+        try:
+            chol = torch.linalg.cholesky(gram)
+        except RuntimeError:
+            # Nearly dependent columns: fall back to the slow but unconditionally stable QR.
+            q, _ = torch.linalg.qr(sub.to(torch.float64))
+            sub = q.to(basis.dtype)
+            break
+        inv = torch.linalg.solve_triangular(chol.T, torch.eye(len(cols), dtype=torch.float64), upper=True)
+        sub = sub @ inv.to(device=sub.device, dtype=basis.dtype)
+    basis.index_copy_(1, cols, sub)
+    return basis

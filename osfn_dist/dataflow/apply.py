@@ -1,0 +1,53 @@
+"""Worker side, last hop: apply the subspace Newton step, the complement step and the
+basis update. All D-sized work of an OSFN step happens here and in ``collect``."""
+from __future__ import annotations
+
+import torch
+
+from ..core.errors import VersionMismatchError
+from ..core.subspace import apply_basis_update, cholesky_qr2, project
+from .messages import DirectionUpdate
+
+
+def check_version(update: DirectionUpdate, basis_version: int) -> None:
+    if update.base_version != basis_version:
+        raise VersionMismatchError(
+            f"direction update is for basis version {update.base_version}, this worker holds "
+            f"{basis_version}; refusing to apply it (restart workers and service from one checkpoint)"
+        )
+
+
+def combine_steps(
+    basis: torch.Tensor, complement_disp: torch.Tensor, grad: torch.Tensor, grad_coords: torch.Tensor,
+    step_coef: torch.Tensor,
+) -> tuple[torch.Tensor, float]:
+    """Δθ = V (s + Vᵀp) − p: the complement displacement p with its subspace part replaced
+    by the Newton step s. Returns (Δθ (D,), g⊥ᵀΔθ) — the latter lets the service follow the
+    position as the basis turns toward g⊥."""
+    q = project(basis, complement_disp)
+    delta = basis @ (q + step_coef.to(basis.dtype)) - complement_disp
+    residual_dot = -(float(grad.double() @ complement_disp.double()) - float(grad_coords.double() @ q.double()))
+    return delta, residual_dot
+
+
+def update_basis(
+    basis: torch.Tensor, grad: torch.Tensor, grad_coords: torch.Tensor, update: DirectionUpdate
+) -> torch.Tensor:
+    dev = basis.device
+    rotation = update.rotation.to(dev) if update.rotation is not None else None
+    coef = update.residual_coef.to(dev) if update.residual_coef is not None else None
+    basis = apply_basis_update(basis, grad, grad_coords, rotation, coef)
+    if update.reorthonormalize:
+        alive = torch.linalg.vector_norm(basis, dim=0) > 0.5
+        basis = cholesky_qr2(basis, alive)
+    return basis
+
+
+def scatter_add(params: list[torch.Tensor], delta: torch.Tensor, has_grad: list[bool]) -> None:
+    """θ_i += Δθ[slice_i] for every parameter that had a gradient this step."""
+    offset = 0
+    for p, ok in zip(params, has_grad):
+        n = p.numel()
+        if ok:
+            p.add_(delta[offset : offset + n].view_as(p).to(p.dtype))
+        offset += n

@@ -1,0 +1,38 @@
+"""Worker side, first hop: flatten the gradient and project it onto the basis."""
+from __future__ import annotations
+
+import torch
+
+from ..core.subspace import project
+from .messages import Report
+
+
+def flat_gradient(params: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """All gradients as one (D,) vector; a parameter without a gradient contributes zeros."""
+    parts = [
+        (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype) for p in params
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+
+
+def build_report(
+    basis: torch.Tensor,
+    grad: torch.Tensor,
+    step: int,
+    basis_version: int,
+    residual_step_dot: float,
+    hyper: dict,
+    worker_grad_coords: torch.Tensor | None = None,
+) -> tuple[Report, torch.Tensor]:
+    """Returns the report and y = Vᵀg (on the worker's device, for the apply hop)."""
+    coords = project(basis, grad)
+    report = Report(
+        step=step,
+        basis_version=basis_version,
+        grad_coords=coords.detach().to("cpu", torch.float64),
+        grad_sqnorm=float(grad.double().square().sum()) if grad.numel() else 0.0,
+        residual_step_dot=float(residual_step_dot),
+        worker_grad_coords=worker_grad_coords,
+        hyper=dict(hyper),
+    )
+    return report, coords

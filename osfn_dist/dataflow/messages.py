@@ -1,0 +1,107 @@
+"""The two messages of the data path. Both are d-sized: their size never depends on D.
+
+    worker ──Report──► curvature service ──DirectionUpdate──► every worker
+
+Tensors are float64 on the CPU. ``to_wire``/``from_wire`` give plain Python containers
+(lists, floats, ints) for transports that do not pickle tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+# Hyperparameters a worker may change while training (schedulers, users); they travel in
+# every report so a remote service always acts on the trainer's current values.
+LIVE_HYPERPARAMETERS = (
+    "forgetting",
+    "newton_lr",
+    "newton_momentum",
+    "eig_floor",
+    "trust_radius",
+    "ridge",
+    "subspace_rate",
+    "replace_every",
+    "basis_update_every",
+    "reorth_every",
+    "newton_warmup",
+    "noise_damping",
+    "step_scale",
+)
+
+
+@dataclass
+class Report:
+    """What a worker sends after its backward pass.
+
+    step: the optimizer step this report belongs to; basis_version: the version of V the
+    projections were taken with; grad_coords y = Vᵀḡ (d,) of the averaged gradient;
+    grad_sqnorm ‖ḡ‖²; residual_step_dot g⊥ᵀΔθ of the previous step (0 on the first);
+    worker_grad_coords (N, d): each worker's own Vᵀg_local, for noise estimates (or None).
+    """
+
+    step: int
+    basis_version: int
+    grad_coords: torch.Tensor
+    grad_sqnorm: float
+    residual_step_dot: float = 0.0
+    worker_grad_coords: torch.Tensor | None = None
+    hyper: dict = field(default_factory=dict)
+
+    def to_wire(self) -> dict:
+        return _to_wire(self)
+
+    @classmethod
+    def from_wire(cls, data: dict) -> "Report":
+        return _from_wire(cls, data)
+
+
+@dataclass
+class DirectionUpdate:
+    """What the curvature service sends back; every worker applies the same update.
+
+    base_version: the basis version the update is for; new_version: the version after it.
+    step_coef s (d,): the saddle-free Newton step θ += V s in base coordinates.
+    rotation A (d, d) or None and residual_coef c (d,) or None: V ← V A + (g − V y) cᵀ.
+    reorthonormalize: re-orthonormalise V after the update (CholeskyQR).
+    diagnostics: small floats for logs and dashboards.
+    """
+
+    step: int
+    base_version: int
+    new_version: int
+    step_coef: torch.Tensor
+    rotation: torch.Tensor | None = None
+    residual_coef: torch.Tensor | None = None
+    reorthonormalize: bool = False
+    diagnostics: dict = field(default_factory=dict)
+
+    def to_wire(self) -> dict:
+        return _to_wire(self)
+
+    @classmethod
+    def from_wire(cls, data: dict) -> "DirectionUpdate":
+        return _from_wire(cls, data)
+
+
+def _to_wire(msg) -> dict:
+    out = {}
+    for f in fields(msg):
+        v = getattr(msg, f.name)
+        out[f.name] = v.tolist() if isinstance(v, torch.Tensor) else v
+    return out
+
+
+_TENSOR_FIELDS = {"grad_coords", "worker_grad_coords", "step_coef", "rotation", "residual_coef"}
+
+
+def _from_wire(cls, data: dict):
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        v = data[f.name]
+        if f.name in _TENSOR_FIELDS and v is not None:
+            v = torch.as_tensor(v, dtype=torch.float64)
+        kwargs[f.name] = v
+    return cls(**kwargs)

@@ -1,0 +1,298 @@
+"""The curvature service: a plain Python class holding the d-sized curvature model.
+
+It runs in-process (single-process OSFN), inside a Ray actor, or behind the gRPC server,
+unchanged. Per report it: (1) tracks the position in subspace coordinates, (2) updates the
+regression statistics, (3) solves for the symmetric Hessian estimate, (4) tracks its
+eigenbasis with QR steps (eigh fallback), (5) computes the saddle-free Newton step and
+(6) decides the basis update (online PCA), re-expressing all statistics in the new basis.
+Nothing here is D-sized and nothing here imports ray, grpc or prometheus_client.
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+
+from ..core.basis_rule import choose_basis_update
+from ..core.config import OSFNConfig
+from ..core.eigen import track_eigenbasis
+from ..core.errors import DimensionMismatchError, VersionMismatchError
+from ..core.regression import DTYPE, RegressionStats, solve_symmetric_hessian
+from ..core.saddle_free import saddle_free_step
+from .messages import LIVE_HYPERPARAMETERS, DirectionUpdate, Report
+
+MIN_SAMPLES = 3  # a direction joins the Hessian estimate after this many samples
+STATE_VERSION = 1
+
+
+class CurvatureService:
+    """Thread-safe: one lock serialises exchanges (the gRPC server is multi-threaded)."""
+
+    def __init__(self, config: OSFNConfig | None = None, allow_stale: bool = False):
+        self.config = config or OSFNConfig()
+        self.dim = self.config.subspace_dim
+        self.allow_stale = allow_stale
+        self._lock = threading.Lock()
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        d = self.dim
+        self.stats = RegressionStats.zeros(d)
+        self.eigvecs = torch.eye(d, dtype=DTYPE)
+        self.eigenvalues = torch.zeros(d, dtype=DTYPE)
+        self.momentum = torch.zeros(d, dtype=DTYPE)
+        self.momentum_weight = 0.0  # 1 − μ^n, for bias correction
+        self.energy = torch.zeros(d, dtype=DTYPE)  # EMA of y², which direction matters
+        self.noise_var = torch.zeros(d, dtype=DTYPE)  # variance of the averaged gradient per direction
+        self.position = torch.zeros(d, dtype=DTYPE)
+        self.alive = torch.zeros(d, dtype=torch.bool)
+        self.pending_shift = torch.zeros(d, dtype=DTYPE)
+        self.pending_residual = torch.zeros(d, dtype=DTYPE)
+        self.last_transform = torch.eye(d, dtype=DTYPE)
+        self.step = 0
+        self.version = 0
+        self.updates = 0
+        self.eigh_fallbacks = 0
+        self.last_diagnostics: dict = {}
+
+    def state_dict(self) -> dict:
+        with self._lock:
+            tensors = {
+                k: getattr(self, k).clone()
+                for k in (
+                    "eigvecs eigenvalues momentum energy noise_var position alive "
+                    "pending_shift pending_residual last_transform"
+                ).split()
+            }
+            return {
+                "state_version": STATE_VERSION,
+                "config": self.config.as_dict(),
+                "stats": self.stats.state_dict(),
+                "tensors": tensors,
+                "scalars": {
+                    "momentum_weight": self.momentum_weight,
+                    "step": self.step,
+                    "version": self.version,
+                    "updates": self.updates,
+                    "eigh_fallbacks": self.eigh_fallbacks,
+                },
+                "last_diagnostics": dict(self.last_diagnostics),
+            }
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("state_version") != STATE_VERSION:
+            raise VersionMismatchError(
+                f"curvature state has state_version={sd.get('state_version')!r}, this build reads "
+                f"{STATE_VERSION}; resume with the osfn-dist version that wrote the checkpoint"
+            )
+        cfg = OSFNConfig(**{**sd["config"], "betas": tuple(sd["config"]["betas"])})
+        if cfg.subspace_dim != self.dim:
+            raise DimensionMismatchError(
+                f"checkpoint has subspace_dim={cfg.subspace_dim}, this service has {self.dim}"
+            )
+        with self._lock:
+            self.config = cfg
+            self.stats = RegressionStats.from_state_dict(sd["stats"])
+            for k, v in sd["tensors"].items():
+                setattr(self, k, v.clone())
+            for k, v in sd["scalars"].items():
+                setattr(self, k, v)
+            self.last_diagnostics = dict(sd.get("last_diagnostics", {}))
+
+    # -------------------------------------------------------------- exchange
+    def exchange(self, report: Report) -> DirectionUpdate:
+        """One step of the curvature model: a worker's report in, the direction update out."""
+        with self._lock:
+            return self._exchange(report)
+
+    def _validate(self, report: Report) -> torch.Tensor:
+        d = self.dim
+        y = torch.as_tensor(report.grad_coords, dtype=DTYPE).flatten()
+        if y.shape[0] != d:
+            raise DimensionMismatchError(
+                f"report has {y.shape[0]} gradient coordinates, the subspace has d={d}; "
+                "the worker and the curvature service must use the same subspace_dim"
+            )
+        if not torch.isfinite(y).all() or not math.isfinite(report.grad_sqnorm) or report.grad_sqnorm < 0:
+            raise DimensionMismatchError("report holds non-finite or negative values; it was rejected")
+        if not math.isfinite(report.residual_step_dot):
+            raise DimensionMismatchError("report.residual_step_dot is not finite; it was rejected")
+        if report.worker_grad_coords is not None:
+            w = torch.as_tensor(report.worker_grad_coords, dtype=DTYPE)
+            if w.ndim != 2 or w.shape[1] != d or not torch.isfinite(w).all():
+                raise DimensionMismatchError(
+                    f"worker_grad_coords must be finite with shape (workers, {d}), got {tuple(w.shape)}"
+                )
+        unknown = set(report.hyper) - set(LIVE_HYPERPARAMETERS)
+        if unknown:
+            raise DimensionMismatchError(f"unknown hyperparameters in report: {sorted(unknown)}")
+        if report.basis_version != self.version:
+            if self.allow_stale and report.basis_version == self.version - 1:
+                y = self.last_transform @ y  # re-express a one-step-stale report in the current basis
+            else:
+                raise VersionMismatchError(
+                    f"report for basis version {report.basis_version}, the service is at "
+                    f"{self.version}; the worker's basis is out of sync (restore both from the "
+                    "same checkpoint)"
+                )
+        return y
+
+    def _exchange(self, report: Report) -> DirectionUpdate:
+        y = self._validate(report)
+        h = {**{k: getattr(self.config, k) for k in LIVE_HYPERPARAMETERS if hasattr(self.config, k)}, "step_scale": 1.0}
+        h.update(report.hyper)
+        d = self.dim
+        base_version = self.version
+        self.step += 1
+
+        # (1) position in subspace coordinates: previous position carried into this basis
+        # plus the previous step's displacement (its subspace part and its residual part).
+        self.position = self.position + self.pending_shift + self.pending_residual * report.residual_step_dot
+
+        # (2) regression statistics and per-direction gradient energy / noise.
+        self.stats.update(self.position, y, float(h["forgetting"]))
+        mu = float(h["newton_momentum"])
+        self.momentum = mu * self.momentum + (1 - mu) * y
+        self.momentum_weight = mu * self.momentum_weight + (1 - mu)
+        beta = float(h["forgetting"])
+        self.energy += beta * (y * y - self.energy)
+        if report.worker_grad_coords is not None and len(report.worker_grad_coords) >= 2:
+            w = torch.as_tensor(report.worker_grad_coords, dtype=DTYPE)
+            sample_noise = w.var(dim=0, unbiased=True) / w.shape[0]
+        else:
+            sample_noise = self.stats.y_var
+        self.noise_var += beta * (sample_noise - self.noise_var) if self.step > 1 else sample_noise - self.noise_var
+
+        # (3)+(4) Hessian estimate on mature directions and its eigenbasis.
+        mature = self.alive & (self.stats.count >= MIN_SAMPLES)
+        idx = torch.nonzero(mature).flatten()
+        eigvecs = torch.eye(d, dtype=DTYPE)
+        eigenvalues = torch.zeros(d, dtype=DTYPE)
+        fallback = False
+        residual = float("nan")
+        if idx.numel() > 0:
+            sub = lambda m: m.index_select(0, idx).index_select(1, idx)  # noqa: E731
+            hess = solve_symmetric_hessian(sub(self.stats.cov_xx), sub(self.stats.cov_yx), float(h["ridge"]))
+            q_prev = sub(self.eigvecs)
+            q_prev, _ = torch.linalg.qr(q_prev) if q_prev.numel() else (q_prev, None)
+            lam, q, fallback = track_eigenbasis(hess, q_prev, self.config.eigen_method)
+            self.eigh_fallbacks += int(fallback)
+            eigvecs[idx.unsqueeze(1), idx.unsqueeze(0)] = q
+            eigenvalues[idx] = lam
+            # relative residual of the symmetric fit C ≈ H Σ
+            c_sub = sub(self.stats.cov_yx)
+            denom = float(torch.linalg.matrix_norm(c_sub)) or 1.0
+            residual = float(torch.linalg.matrix_norm(c_sub - hess @ sub(self.stats.cov_xx))) / denom
+        self.eigvecs, self.eigenvalues = eigvecs, eigenvalues
+
+        # (5) saddle-free Newton step on the bias-corrected subspace momentum.
+        step_coef = torch.zeros(d, dtype=DTYPE)
+        if idx.numel() > 0 and self.step > int(h["newton_warmup"]):
+            m_hat = self.momentum / max(self.momentum_weight, 1e-12)
+            m_eig = eigvecs.T @ torch.where(mature, m_hat, torch.zeros_like(m_hat))
+            noise = None
+            if h["noise_damping"]:
+                # noise of the momentum average ≈ per-step noise × (1−μ)/(1+μ)
+                noise = (eigvecs * eigvecs).T @ self.noise_var * ((1 - mu) / (1 + mu))
+            s_eig = saddle_free_step(
+                m_eig, eigenvalues, float(h["newton_lr"]) * float(h["step_scale"]), float(h["eig_floor"]),
+                float(h["trust_radius"]) * float(h["step_scale"]), noise,
+            )
+            s_eig = torch.where(eigenvalues != 0, s_eig, torch.zeros_like(s_eig))
+            step_coef = eigvecs @ s_eig
+
+        # (6) basis update: align with the Hessian eigenbasis, then move toward the gradient.
+        rotation = residual_coef = None
+        born = None
+        reorth = False
+        if d > 0 and self.step % int(h["basis_update_every"]) == 0:
+            y_eig = eigvecs.T @ y
+            energy_eig = (eigvecs * eigvecs).T @ self.energy
+            replace_due = self.step % int(h["replace_every"]) == 0
+            rule_rot, residual_coef, born = choose_basis_update(
+                y_eig, float(report.grad_sqnorm), self.alive, energy_eig, self.config.subspace_rule,
+                float(h["subspace_rate"]), replace_due,
+            )
+            aligned = not torch.equal(eigvecs, torch.eye(d, dtype=DTYPE))
+            if aligned or rule_rot is not None:
+                rotation = eigvecs if rule_rot is None else eigvecs @ rule_rot
+        transform = rotation.T if rotation is not None else torch.eye(d, dtype=DTYPE)
+        changed = rotation is not None or residual_coef is not None
+        if changed:
+            self.version += 1
+            self.updates += 1
+            reorth = self.version % int(h["reorth_every"]) == 0
+        if born is not None:
+            self.alive[born] = True
+        self._carry(transform)
+        # rotation angle of the subspace this step: how much of the old span left it.
+        angle = 0.0
+        if residual_coef is not None:
+            resid_norm = max(float(report.grad_sqnorm) - float(y @ y), 0.0) ** 0.5
+            coef_eff = residual_coef.clone()
+            if born is not None:
+                coef_eff[born] = 0.0
+            angle = math.degrees(math.atan(float(torch.linalg.vector_norm(coef_eff)) * resid_norm))
+            if born is not None and base_version > 0 and bool(self.alive.sum() == d):
+                angle = max(angle, 90.0 / max(d, 1))
+        self.pending_shift = transform @ step_coef
+        self.pending_residual = residual_coef.clone() if residual_coef is not None else torch.zeros(d, dtype=DTYPE)
+        self.last_diagnostics = {
+            "step": self.step,
+            "basis_version": self.version,
+            "eigenvalues": eigenvalues.tolist(),
+            "negative_curvature": int((eigenvalues < 0).sum()),
+            "rotation_angle_deg": angle,
+            "subspace_step_norm": float(torch.linalg.vector_norm(step_coef)),
+            "regression_residual": residual,
+            "noise_ratio": float(self.noise_var.sum() / max(float(self.energy.sum()), 1e-300)) if d else 0.0,
+            "eigh_fallbacks": self.eigh_fallbacks,
+            "alive_directions": int(self.alive.sum()),
+            "used_eigh_fallback": fallback,
+        }
+        return DirectionUpdate(
+            step=self.step,
+            base_version=base_version,
+            new_version=self.version,
+            step_coef=step_coef,
+            rotation=rotation,
+            residual_coef=residual_coef,
+            reorthonormalize=reorth,
+            diagnostics=dict(self.last_diagnostics),
+        )
+
+    def _carry(self, transform: torch.Tensor) -> None:
+        """Re-express every d-sized quantity in the new basis coordinates x' = T x."""
+        self.last_transform = transform
+        if torch.equal(transform, torch.eye(self.dim, dtype=DTYPE)):
+            return
+        self.stats.transform(transform)
+        self.position = transform @ self.position
+        self.momentum = transform @ self.momentum
+        w = transform * transform
+        self.energy = w @ self.energy
+        self.noise_var = w @ self.noise_var
+        self.eigvecs = transform @ self.eigvecs
+
+    # -------------------------------------------------------------- inspect
+    def snapshot(self) -> dict:
+        """A JSON-friendly view for GetState / status / metrics."""
+        with self._lock:
+            diag = dict(self.last_diagnostics)
+            return {
+                "step": self.step,
+                "basis_version": self.version,
+                "subspace_dim": self.dim,
+                "eigenvalues": self.eigenvalues.tolist(),
+                "negative_curvature": int((self.eigenvalues < 0).sum()),
+                "noise_var": self.noise_var.tolist(),
+                "energy": self.energy.tolist(),
+                "alive_directions": int(self.alive.sum()),
+                "eigh_fallbacks": self.eigh_fallbacks,
+                "rotation_angle_deg": diag.get("rotation_angle_deg", 0.0),
+                "subspace_step_norm": diag.get("subspace_step_norm", 0.0),
+                "regression_residual": diag.get("regression_residual", float("nan")),
+                "noise_ratio": diag.get("noise_ratio", 0.0),
+            }

@@ -1,0 +1,244 @@
+"""OSFN as a ``torch.optim.Optimizer``; ``step()`` reads as the data path:
+collect → exchange → apply."""
+from __future__ import annotations
+
+import torch
+from torch.optim import Optimizer
+
+from .core import complement as comp
+from .core.config import OSFNConfig
+from .core.errors import ConfigError, DimensionMismatchError, NonFiniteGradientError
+from .dataflow.apply import check_version, combine_steps, scatter_add, update_basis
+from .dataflow.collect import build_report, flat_gradient
+from .dataflow.exchange import Exchange, InProcessExchange
+from .dataflow.messages import LIVE_HYPERPARAMETERS
+from .dataflow.service import CurvatureService
+
+WORKER_STATE_VERSION = 1
+
+
+class OSFN(Optimizer):
+    r"""Online saddle-free Newton (OSFN).
+
+    Curvature is estimated by online least-squares regression of noisy gradients on
+    positions inside a small subspace found by online PCA of recent gradients, kept
+    diagonal by QR steps; a saddle-free Newton step (dividing by |λ|) is taken there and a
+    first-order method (AdamW, SGD, momentum, Nesterov or Muon) runs on the complement.
+
+    One step, with V (D, d) orthonormal, θ the flattened parameters and g the gradient::
+
+        y = Vᵀg                                   # collect (worker, D-sized)
+        stats ← EMA of (x, y);  Σ H + H Σ = C + Cᵀ  # curvature service (d-sized)
+        H = Q diag(λ) Qᵀ by QR steps (eigh fallback)
+        s = −η Q diag(1/max(|λ|, floor)) Qᵀ m̂,  ‖s‖ ≤ trust radius
+        p = complement displacement from g          # apply (worker, D-sized)
+        θ ← θ − p + V (Vᵀp + s)                     # Newton owns the subspace
+        V ← V A + (g − V y) cᵀ                      # online PCA / eigen-alignment
+
+    References: J. Duda, "Improving SGD convergence by online linear regression of gradients
+    in multiple statistically relevant directions", arXiv:1901.11457; Y. Dauphin et al.,
+    "Identifying and attacking the saddle point problem in high-dimensional non-convex
+    optimization", arXiv:1406.2572.
+
+    Every hyperparameter of :class:`OSFNConfig` is a ``param_group`` key. Complement
+    hyperparameters act per group; subspace hyperparameters are read from group 0. The
+    Newton step and trust radius scale with ``lr / initial_lr`` of group 0, so an LR
+    scheduler schedules the whole step.
+
+    ``exchange``: where the curvature service lives (default: in this process). Pass a Ray
+    actor or gRPC exchange for distributed training. ``nonfinite='skip'`` skips steps whose
+    gradient holds NaN/Inf (parameters and statistics untouched, counted in
+    ``diagnostics['skipped_steps']``); ``'raise'`` raises :class:`NonFiniteGradientError`.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, *, exchange: Exchange | None = None, **hyper):
+        unknown = set(hyper) - set(OSFNConfig.field_names())
+        if unknown:
+            raise ConfigError(
+                f"unknown OSFN hyperparameter(s) {sorted(unknown)}; valid names: {', '.join(OSFNConfig.field_names())}"
+            )
+        config = OSFNConfig(lr=lr, **hyper)
+        super().__init__(params, config.as_dict())
+        for group in self.param_groups:
+            OSFNConfig.from_group(group)  # validate per-group overrides now, not at step 1
+        self.config = config
+        self._owns_service = exchange is None
+        self.exchange = exchange if exchange is not None else InProcessExchange(CurvatureService(config))
+        self.worker_grad_coords_fn = None  # set by distributed trainers: () -> (N, d) tensor
+        self._basis: torch.Tensor | None = None
+        self._basis_version = 0
+        self._residual_step_dot = 0.0
+        self._steps = 0
+        self._skipped = 0
+        self._last: dict = {}
+
+    # ----------------------------------------------------------- helpers
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def _group_of(self) -> list[dict]:
+        return [g for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    @property
+    def subspace_dim(self) -> int:
+        return self.config.subspace_dim
+
+    def _basis_dtype(self, params) -> torch.dtype:
+        return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+    def _ensure_basis(self, params) -> torch.Tensor:
+        total = sum(p.numel() for p in params)
+        if self._basis is None:
+            device = params[0].device if params else torch.device("cpu")
+            self._basis = torch.zeros(total, self.subspace_dim, device=device, dtype=self._basis_dtype(params))
+        elif self._basis.shape[0] != total:
+            raise DimensionMismatchError(
+                f"the optimizer's basis covers {self._basis.shape[0]} parameters but the model now "
+                f"has {total}; create a new OSFN after changing the model"
+            )
+        return self._basis
+
+    def _live_hyper(self) -> dict:
+        g0 = self.param_groups[0]
+        cfg = OSFNConfig.from_group(g0)
+        if cfg.subspace_dim != self.subspace_dim:
+            raise ConfigError(
+                f"subspace_dim cannot change during training (was {self.subspace_dim}, "
+                f"param_groups[0] now says {cfg.subspace_dim}); create a new optimizer"
+            )
+        hyper = {k: getattr(cfg, k) for k in LIVE_HYPERPARAMETERS if hasattr(cfg, k)}
+        initial = g0.get("initial_lr")
+        hyper["step_scale"] = float(g0["lr"] / initial) if initial else 1.0
+        return hyper
+
+    # ------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups[1:]:
+            OSFNConfig.from_group(group)
+        hyper = self._live_hyper()
+        params = self._params()
+        groups = self._group_of()
+        has_grad = [p.grad is not None for p in params]
+        if not any(has_grad):
+            return loss
+        grads = [p.grad for p, ok in zip(params, has_grad) if ok]
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
+            self._skipped += 1
+            self._last = {**self._last, "skipped_steps": self._skipped}
+            if self.param_groups[0]["nonfinite"] == "raise":
+                raise NonFiniteGradientError(
+                    f"non-finite gradient at step {self._steps + 1}; parameters and statistics are "
+                    "untouched. Lower the learning rate or use nonfinite='skip'"
+                )
+            return loss
+        self._steps += 1
+
+        if self.subspace_dim == 0:  # no subspace: exactly the complement optimizer
+            for p, group, ok in zip(params, groups, has_grad):
+                if ok:
+                    u, alpha, decay = comp.direction(p, p.grad, self.state[p], group)
+                    comp.apply_in_place(p, u, alpha, decay)
+            self._last = {"skipped_steps": self._skipped, "step": self._steps}
+            return loss
+
+        basis = self._ensure_basis(params)
+        grad = flat_gradient(params, basis.dtype)
+        # collect
+        worker_coords = self.worker_grad_coords_fn(basis) if self.worker_grad_coords_fn else None
+        report, coords = build_report(
+            basis, grad, self._steps, self._basis_version, self._residual_step_dot, hyper, worker_coords
+        )
+        # exchange
+        update = self.exchange.exchange(report)
+        check_version(update, self._basis_version)
+        # apply
+        disp_parts = []
+        for p, group, ok in zip(params, groups, has_grad):
+            if ok:
+                u, alpha, decay = comp.direction(p, p.grad, self.state[p], group)
+                disp_parts.append(comp.displacement(p, u, alpha, decay).reshape(-1).to(basis.dtype))
+            else:
+                disp_parts.append(torch.zeros(p.numel(), device=basis.device, dtype=basis.dtype))
+        disp = torch.cat(disp_parts)
+        delta, self._residual_step_dot = combine_steps(basis, disp, grad, coords, update.step_coef)
+        scatter_add(params, delta, has_grad)
+        self._basis = update_basis(basis, grad, coords, update)
+        self._basis_version = update.new_version
+        self._last = {
+            **update.diagnostics,
+            "complement_step_norm": float(torch.linalg.vector_norm(disp)),
+            "step_norm": float(torch.linalg.vector_norm(delta)),
+            "skipped_steps": self._skipped,
+        }
+        return loss
+
+    # -------------------------------------------------------- inspection
+    @property
+    def diagnostics(self) -> dict:
+        """Eigenvalues, negative-curvature count, subspace rotation angle (degrees), step
+        norms, regression residual, noise ratio and skipped steps of the last step."""
+        out = {
+            "step": self._steps,
+            "skipped_steps": self._skipped,
+            "basis_version": self._basis_version,
+            "eigenvalues": [],
+            "negative_curvature": 0,
+            "rotation_angle_deg": 0.0,
+            "subspace_step_norm": 0.0,
+            "complement_step_norm": 0.0,
+            "step_norm": 0.0,
+            "regression_residual": float("nan"),
+            "noise_ratio": 0.0,
+        }
+        out.update(self._last)
+        return out
+
+    @property
+    def basis(self) -> torch.Tensor | None:
+        return self._basis
+
+    # ------------------------------------------------------- persistence
+    def state_dict(self):
+        sd = super().state_dict()
+        worker = {
+            "version": WORKER_STATE_VERSION,
+            "basis": None if self._basis is None else self._basis.clone(),
+            "basis_version": self._basis_version,
+            "residual_step_dot": self._residual_step_dot,
+            "steps": self._steps,
+            "skipped": self._skipped,
+            "subspace_dim": self.subspace_dim,
+        }
+        if self._owns_service:
+            worker["service"] = self.exchange.state_dict()
+        sd["osfn"] = worker
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        worker = state_dict.pop("osfn", None)
+        super().load_state_dict(state_dict)
+        if worker is None:
+            return
+        if worker["subspace_dim"] != self.subspace_dim:
+            raise DimensionMismatchError(
+                f"checkpoint has subspace_dim={worker['subspace_dim']}, this optimizer {self.subspace_dim}"
+            )
+        basis = worker["basis"]
+        if basis is not None:
+            device = self._params()[0].device
+            basis = basis.clone().to(device)
+            self._basis = None
+            self._ensure_basis(self._params())  # shape check against the current model
+        self._basis = basis
+        self._basis_version = worker["basis_version"]
+        self._residual_step_dot = worker["residual_step_dot"]
+        self._steps = worker["steps"]
+        self._skipped = worker["skipped"]
+        if self._owns_service and "service" in worker:
+            self.exchange.load_state_dict(worker["service"])
