@@ -9,7 +9,7 @@ from .core import complement as comp
 from .core.config import OSFNConfig
 from .core.errors import ConfigError, DimensionMismatchError, NonFiniteGradientError
 from .dataflow.apply import check_version, combine_steps, scatter_add, update_basis
-from .dataflow.collect import build_report, flat_gradient
+from .dataflow.collect import build_report, flat_gradient, write_back
 from .dataflow.exchange import Exchange, InProcessExchange
 from .dataflow.messages import LIVE_HYPERPARAMETERS
 from .dataflow.service import CurvatureService
@@ -51,7 +51,9 @@ class OSFN(Optimizer):
     ``diagnostics['skipped_steps']``); ``'raise'`` raises :class:`NonFiniteGradientError`.
     """
 
-    def __init__(self, params, lr: float = 1e-3, *, exchange: Exchange | None = None, **hyper):
+    def __init__(
+        self, params, lr: float = 1e-3, *, exchange: Exchange | None = None, gradient_sync=None, **hyper
+    ):
         unknown = set(hyper) - set(OSFNConfig.field_names())
         if unknown:
             raise ConfigError(
@@ -64,7 +66,9 @@ class OSFN(Optimizer):
         self.config = config
         self._owns_service = exchange is None
         self.exchange = exchange if exchange is not None else InProcessExchange(CurvatureService(config))
-        self.worker_grad_coords_fn = None  # set by distributed trainers: () -> (N, d) tensor
+        # Data parallel without DDP: a dataflow.distributed.GradientSync averages gradients
+        # itself and gathers each worker's local projection (for noise estimates).
+        self.gradient_sync = gradient_sync
         self._basis: torch.Tensor | None = None
         self._basis_version = 0
         self._residual_step_dot = 0.0
@@ -126,6 +130,15 @@ class OSFN(Optimizer):
         has_grad = [p.grad is not None for p in params]
         if not any(has_grad):
             return loss
+        worker_coords = None
+        if self.gradient_sync is not None:
+            # Average before the finiteness check so every rank takes the same decision.
+            basis = self._ensure_basis(params) if self.subspace_dim else None
+            grad = flat_gradient(params, basis.dtype if basis is not None else torch.float32)
+            if basis is not None:
+                worker_coords = self.gradient_sync.gather_coords(basis.T @ grad)
+            self.gradient_sync.average(grad)
+            write_back(params, grad, has_grad)  # the complement acts on the averaged gradient
         grads = [p.grad for p, ok in zip(params, has_grad) if ok]
         if not all(bool(torch.isfinite(g).all()) for g in grads):
             self._skipped += 1
@@ -146,10 +159,10 @@ class OSFN(Optimizer):
             self._last = {"skipped_steps": self._skipped, "step": self._steps}
             return loss
 
-        basis = self._ensure_basis(params)
-        grad = flat_gradient(params, basis.dtype)
         # collect
-        worker_coords = self.worker_grad_coords_fn(basis) if self.worker_grad_coords_fn else None
+        basis = self._ensure_basis(params)
+        if self.gradient_sync is None:
+            grad = flat_gradient(params, basis.dtype)
         report, coords = build_report(
             basis, grad, self._steps, self._basis_version, self._residual_step_dot, hyper, worker_coords
         )

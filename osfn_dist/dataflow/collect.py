@@ -36,3 +36,13 @@ def build_report(
         hyper=dict(hyper),
     )
     return report, coords
+
+
+def write_back(params: list[torch.Tensor], grad: torch.Tensor, has_grad: list[bool]) -> None:
+    """Copy slices of a flat (averaged) gradient back into each ``p.grad``."""
+    offset = 0
+    for p, ok in zip(params, has_grad):
+        n = p.numel()
+        if ok:
+            p.grad.copy_(grad[offset : offset + n].view_as(p.grad))
+        offset += n
