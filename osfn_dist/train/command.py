@@ -1,0 +1,81 @@
+"""``osfn-dist train``: flags and config file → TrainConfig → local or Ray run."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..core.errors import ConfigError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a workload with OSFN (default: built-in MNIST-1D MLP)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--workload", help="built-in name or package.module:function (default mnist1d_mlp)")
+    p.add_argument("--steps", type=int, help="training steps (default: the workload's)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default: the workload's)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--run-dir", help="output directory (default runs/<workload>-<time>)")
+    p.add_argument("--config", help="YAML file with train settings; flags override it")
+    p.add_argument("--backend", choices=("local", "ray"), help="one process, or Ray Train workers")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers (data parallel)")
+    p.add_argument("--address", help="join an existing Ray cluster (e.g. auto, ray://host:10001)")
+    p.add_argument("--use-gpu", action="store_true", default=None, help="GPU workers with NCCL")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--optimizer", help="osfn | adamw | sgd (default osfn)")
+    p.add_argument("--lr", type=float, help="learning rate (complement lr for OSFN)")
+    p.add_argument("--subspace-dim", type=int, help="OSFN subspace size d")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args):
+    from .config import TrainConfig
+
+    flags = {
+        "workload": args.workload,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "run_dir": args.run_dir,
+        "backend": args.backend,
+        "num_workers": args.num_workers,
+        "address": args.address,
+        "use_gpu": args.use_gpu,
+        "metrics_port": args.metrics_port,
+    }
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if args.address or args.num_workers or args.use_gpu:
+        flags.setdefault("backend", "ray")
+    base = TrainConfig.from_file(args.config).as_dict() if args.config else {}
+    merged = {**base, **flags}
+    opt = dict(merged.get("optimizer") or {"name": "osfn"})
+    if args.optimizer:
+        opt["name"] = args.optimizer
+    if args.lr is not None:
+        opt["lr"] = args.lr
+    if args.subspace_dim is not None:
+        opt["subspace_dim"] = args.subspace_dim
+    merged["optimizer"] = opt
+    return TrainConfig.from_dict(merged)
+
+
+def run(args) -> int:
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as exc:
+        print(f"osfn-dist train: {exc}", file=sys.stderr)
+        return 2
+    if cfg.backend == "ray":
+        from .ray_trainer import train_ray  # needs the ray extra
+
+        summary = train_ray(cfg, show_progress=not args.no_progress)
+    else:
+        from .local import train_local
+
+        summary = train_local(cfg, show_progress=not args.no_progress)
+    print(json.dumps(summary, indent=2, default=float))
+    return 0

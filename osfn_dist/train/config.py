@@ -1,0 +1,87 @@
+"""The training job's configuration: YAML file and command-line flags, one dataclass."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ..core.config import OSFNConfig
+from ..core.errors import ConfigError
+
+OPTIMIZER_NAMES = ("osfn", "adamw", "sgd")
+
+
+@dataclass
+class TrainConfig:
+    workload: str = "mnist1d_mlp"
+    steps: int | None = None  # None: the workload's default
+    batch_size: int | None = None  # global batch; None: the workload's default
+    seed: int = 0
+    log_every: int = 10
+    run_dir: str | None = None
+    backend: str = "local"  # "local" (one process) or "ray"
+    num_workers: int = 2
+    address: str | None = None
+    use_gpu: bool = False
+    checkpoint_every: int = 100
+    metrics_port: int | None = None
+    optimizer: dict = field(default_factory=lambda: {"name": "osfn"})
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name, valid):
+            raise ConfigError(f"invalid train config {name}={getattr(self, name)!r}: must be {valid}")
+
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            bad("steps", "an int >= 1")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            bad("batch_size", "an int >= 1")
+        if not isinstance(self.log_every, int) or self.log_every < 1:
+            bad("log_every", "an int >= 1")
+        if self.backend not in ("local", "ray"):
+            bad("backend", "'local' or 'ray'")
+        if not isinstance(self.num_workers, int) or self.num_workers < 1:
+            bad("num_workers", "an int >= 1")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
+            bad("checkpoint_every", "an int >= 1")
+        if not isinstance(self.optimizer, dict):
+            bad("optimizer", "a mapping with 'name' and hyperparameters")
+        name = self.optimizer.get("name", "osfn")
+        if name not in OPTIMIZER_NAMES:
+            raise ConfigError(f"invalid train config optimizer.name={name!r}: must be one of {OPTIMIZER_NAMES}")
+        if name == "osfn":
+            self.osfn_config()  # raises ConfigError naming the field
+
+    def optimizer_kwargs(self) -> dict:
+        return {k: (tuple(v) if k == "betas" else v) for k, v in self.optimizer.items() if k != "name"}
+
+    def osfn_config(self) -> OSFNConfig:
+        kwargs = self.optimizer_kwargs()
+        unknown = set(kwargs) - set(OSFNConfig.field_names())
+        if unknown:
+            raise ConfigError(f"unknown optimizer hyperparameter(s) {sorted(unknown)}; valid: {', '.join(OSFNConfig.field_names())}")
+        return OSFNConfig(**kwargs)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: dict | None = None) -> "TrainConfig":
+        import yaml
+
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of train settings")
+        return cls.from_dict({**data, **(overrides or {})})
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"unknown train config key(s) {sorted(unknown)}; valid: {', '.join(sorted(names))}")
+        return cls(**data)

@@ -1,0 +1,20 @@
+"""Build the optimizer a train config names (OSFN, or a plain peer for comparison)."""
+from __future__ import annotations
+
+import torch
+
+from ..optimizer import OSFN
+
+
+def build_optimizer(params, spec: dict, **osfn_extra):
+    spec = dict(spec)
+    name = spec.pop("name", "osfn")
+    if "betas" in spec:
+        spec["betas"] = tuple(spec["betas"])
+    if name == "osfn":
+        return OSFN(params, **spec, **osfn_extra)
+    if name == "adamw":
+        return torch.optim.AdamW(params, **spec)
+    if name == "sgd":
+        return torch.optim.SGD(params, **spec)
+    raise ValueError(f"unknown optimizer {name!r}")
