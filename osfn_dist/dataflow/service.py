@@ -17,7 +17,7 @@ import torch
 from ..core.basis_rule import choose_basis_update
 from ..core.config import OSFNConfig
 from ..core.eigen import track_eigenbasis
-from ..core.errors import DimensionMismatchError, VersionMismatchError
+from ..core.errors import ConfigError, DimensionMismatchError, VersionMismatchError
 from ..core.regression import DTYPE, RegressionStats, solve_symmetric_hessian
 from ..core.saddle_free import saddle_free_step
 from .messages import LIVE_HYPERPARAMETERS, DirectionUpdate, Report
@@ -128,6 +128,7 @@ class CurvatureService:
         unknown = set(report.hyper) - set(LIVE_HYPERPARAMETERS)
         if unknown:
             raise DimensionMismatchError(f"unknown hyperparameters in report: {sorted(unknown)}")
+        self._validate_hyper(report.hyper)
         if report.basis_version != self.version:
             if self.allow_stale and report.basis_version == self.version - 1:
                 y = self.last_transform @ y  # re-express a one-step-stale report in the current basis
@@ -138,6 +139,20 @@ class CurvatureService:
                     "same checkpoint)"
                 )
         return y
+
+    def _validate_hyper(self, hyper: dict) -> None:
+        """Reject invalid live hyperparameter values before anything is mutated: a bad value
+        used to raise half-way through an exchange (e.g. basis_update_every=0 after the step
+        counter moved) or silently poison the statistics (forgetting=NaN)."""
+        if not hyper:
+            return
+        scale = hyper.get("step_scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+            raise ConfigError(f"report carries step_scale={scale!r}; it must be a finite float >= 0")
+        try:
+            OSFNConfig(**{**self.config.as_dict(), **{k: v for k, v in hyper.items() if k != "step_scale"}})
+        except (ConfigError, TypeError) as exc:
+            raise ConfigError(f"report carries an invalid live hyperparameter: {exc}") from None
 
     def _exchange(self, report: Report) -> DirectionUpdate:
         y = self._validate(report)
