@@ -115,6 +115,23 @@ class OSFN(Optimizer):
         hyper["step_scale"] = float(g0["lr"] / initial) if initial else 1.0
         return hyper
 
+    def _subspace_source(self, params, has_grad, dtype) -> torch.Tensor | None:
+        """The complement's momentum (AdamW exp_avg or the momentum buffer) as one flat
+        vector: a noise-averaged gradient at no extra memory. None: use the gradient (the
+        first step, plain SGD, or subspace_source='gradient')."""
+        if self.param_groups[0]["subspace_source"] != "momentum":
+            return None
+        parts = []
+        for p, ok in zip(params, has_grad):
+            st = self.state.get(p, {})
+            buf = st.get("exp_avg", st.get("momentum_buffer"))
+            if buf is None:
+                if ok:
+                    return None
+                buf = torch.zeros_like(p)
+            parts.append(buf.reshape(-1).to(dtype))
+        return torch.cat(parts)
+
     # ------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure=None):
@@ -154,8 +171,7 @@ class OSFN(Optimizer):
         if self.subspace_dim == 0:  # no subspace: exactly the complement optimizer
             for p, group, ok in zip(params, groups, has_grad):
                 if ok:
-                    u, alpha, decay = comp.direction(p, p.grad, self.state[p], group)
-                    comp.apply_in_place(p, u, alpha, decay)
+                    comp.apply_in_place(p, *comp.direction(p, p.grad, self.state[p], group))
             self._last = {"skipped_steps": self._skipped, "step": self._steps}
             return loss
 
@@ -163,8 +179,9 @@ class OSFN(Optimizer):
         basis = self._ensure_basis(params)
         if self.gradient_sync is None:
             grad = flat_gradient(params, basis.dtype)
-        report, coords = build_report(
-            basis, grad, self._steps, self._basis_version, self._residual_step_dot, hyper, worker_coords
+        report, coords, residual = build_report(
+            basis, grad, self._steps, self._basis_version, self._residual_step_dot, hyper, worker_coords,
+            source=self._subspace_source(params, has_grad, basis.dtype),
         )
         # exchange
         update = self.exchange.exchange(report)
@@ -173,14 +190,15 @@ class OSFN(Optimizer):
         disp_parts = []
         for p, group, ok in zip(params, groups, has_grad):
             if ok:
-                u, alpha, decay = comp.direction(p, p.grad, self.state[p], group)
-                disp_parts.append(comp.displacement(p, u, alpha, decay).reshape(-1).to(basis.dtype))
+                parts = comp.direction(p, p.grad, self.state[p], group)
+                disp_parts.append(comp.displacement(p, *parts).reshape(-1).to(basis.dtype))
             else:
                 disp_parts.append(torch.zeros(p.numel(), device=basis.device, dtype=basis.dtype))
         disp = torch.cat(disp_parts)
-        delta, self._residual_step_dot = combine_steps(basis, disp, grad, coords, update.step_coef)
-        scatter_add(params, delta, has_grad)
-        self._basis = update_basis(basis, grad, coords, update)
+        delta, self._residual_step_dot = combine_steps(basis, disp, residual, update.step_coef)
+        # a group with lr = 0 is frozen: neither its complement nor the shared subspace moves it
+        scatter_add(params, delta, [ok and group["lr"] > 0 for ok, group in zip(has_grad, groups)])
+        self._basis = update_basis(basis, residual, update)
         self._basis_version = update.new_version
         self._last = {
             **update.diagnostics,

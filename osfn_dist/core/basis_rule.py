@@ -21,6 +21,7 @@ MIN_RESIDUAL_SHARE = 1e-6
 def choose_basis_update(
     grad_coords: torch.Tensor,
     grad_sqnorm: float,
+    resid_sq: float,
     alive: torch.Tensor,
     energy: torch.Tensor,
     rule: str,
@@ -29,14 +30,13 @@ def choose_basis_update(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, int | None]:
     """Decide (A, c, born) for one step, all in the current (eigen-aligned) coordinates.
 
-    grad_coords y (d,); grad_sqnorm ‖g‖²; alive (d,) bool; energy (d,) per-direction gradient
+    grad_coords y (d,); grad_sqnorm ‖g‖²; resid_sq ‖g − V y‖²; alive (d,) bool; energy (d,) per-direction gradient
     energy (mean y² over recent steps). Returns rotation A (d, d) or None, residual
     coefficients c (d,) or None, and the index of a newly born direction or None.
     """
     d = grad_coords.shape[0]
     if d == 0 or grad_sqnorm <= 0:
         return None, None, None
-    resid_sq = grad_sqnorm - float(grad_coords @ grad_coords)
     share = resid_sq / grad_sqnorm
     born = None
     if not bool(alive.all()):

@@ -29,10 +29,11 @@ def uses_muon(param: torch.Tensor, group: dict) -> bool:
     return group["complement"] == "muon" and param.ndim >= 2
 
 
-def direction(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> tuple[torch.Tensor, float, float]:
+def direction(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> tuple:
     """Advance the complement state of one parameter by its gradient.
 
-    Returns (u, α, decay) so that the complement step is θ ← θ·(1 − decay) − α·u.
+    Returns (u, α, decay, denom) so that the complement step is θ ← θ·(1 − decay) − α·u/denom
+    (denom None means 1; AdamW keeps it separate to round exactly like torch's addcdiv_).
     """
     kind = group["complement"]
     lr = group["lr"]
@@ -41,14 +42,14 @@ def direction(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict)
         if group["weight_decay"] != 0:
             grad = grad.add(param, alpha=group["weight_decay"])
         if kind == "sgd" or group["momentum"] == 0:
-            return grad, lr, decay
+            return grad, lr, decay, None
         buf = state.get("momentum_buffer")
         if buf is None:
             buf = state["momentum_buffer"] = torch.clone(grad).detach()
         else:
             buf.mul_(group["momentum"]).add_(grad)
         u = grad.add(buf, alpha=group["momentum"]) if kind == "nesterov" else buf
-        return u, lr, decay
+        return u, lr, decay, None
     if uses_muon(param, group):
         buf = state.get("momentum_buffer")
         if buf is None:
@@ -60,7 +61,7 @@ def direction(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict)
         ortho = _zeropower_via_newtonschulz(matrix, MUON_NS_COEFFICIENTS, MUON_NS_STEPS, MUON_EPS)
         a, b = matrix.shape
         scale = lr * math.sqrt(max(1.0, a / b))
-        return ortho.reshape(param.shape), scale, lr * group["weight_decay"]
+        return ortho.reshape(param.shape), scale, lr * group["weight_decay"], None
     # adamw (also the non-matrix parameters under muon, at aux_lr)
     if kind == "muon":
         lr = group["aux_lr"]
@@ -78,19 +79,23 @@ def direction(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict)
     bias_correction2 = 1 - beta2**step
     step_size = lr / bias_correction1
     denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(group["eps"])
-    return exp_avg / denom, step_size, lr * group["weight_decay"]
+    return exp_avg, step_size, lr * group["weight_decay"], denom
 
 
-def apply_in_place(param: torch.Tensor, u: torch.Tensor, alpha: float, decay: float) -> None:
-    """θ ← θ·(1 − decay) − α·u, with the same operations as torch.optim."""
+def apply_in_place(param: torch.Tensor, u: torch.Tensor, alpha: float, decay: float, denom=None) -> None:
+    """θ ← θ·(1 − decay) − α·u/denom, with the same operations as torch.optim."""
     if decay != 0:
         param.mul_(1 - decay)
-    param.add_(u, alpha=-alpha)
+    if denom is None:
+        param.add_(u, alpha=-alpha)
+    else:
+        param.addcdiv_(u, denom, value=-alpha)
 
 
-def displacement(param: torch.Tensor, u: torch.Tensor, alpha: float, decay: float) -> torch.Tensor:
+def displacement(param: torch.Tensor, u: torch.Tensor, alpha: float, decay: float, denom=None) -> torch.Tensor:
     """p with θ_new = θ − p (float32 or better)."""
-    p = u.to(torch.float32 if u.dtype in (torch.float16, torch.bfloat16) else u.dtype) * alpha
+    work = torch.float32 if u.dtype in (torch.float16, torch.bfloat16) else u.dtype
+    p = u.to(work) * alpha if denom is None else torch.div(u.to(work), denom.to(work)).mul_(alpha)
     if decay != 0:
         p.add_(param.to(p.dtype), alpha=decay)
     return p

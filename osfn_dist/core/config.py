@@ -13,6 +13,7 @@ from .errors import ConfigError
 
 COMPLEMENTS = ("sgd", "momentum", "nesterov", "adamw", "muon")
 SUBSPACE_RULES = ("oja", "replace", "oja+replace")
+SUBSPACE_SOURCES = ("gradient", "momentum")
 EIGEN_METHODS = ("qr", "eigh")
 NONFINITE_POLICIES = ("skip", "raise")
 
@@ -35,7 +36,8 @@ class OSFNConfig:
     eig_floor: float = 1.0  # |lambda| floor: largest step per unit gradient is newton_lr/eig_floor
     trust_radius: float = 1.0  # cap on the norm of the subspace step, in parameter units
     ridge: float = 1e-3  # relative ridge on the position covariance
-    subspace_rule: str = "oja+replace"
+    subspace_rule: str = "oja"
+    subspace_source: str = "momentum"  # turn V toward the gradient or its momentum average
     subspace_rate: float = 0.1  # Oja rate (gamma)
     replace_every: int = 10
     basis_update_every: int = 1
@@ -95,6 +97,7 @@ class OSFNConfig:
         need("trust_radius", finite(self.trust_radius) and self.trust_radius > 0, "a finite float > 0")
         need("ridge", finite(self.ridge) and self.ridge > 0, "a finite float > 0")
         need("subspace_rule", self.subspace_rule in SUBSPACE_RULES, f"one of {SUBSPACE_RULES}")
+        need("subspace_source", self.subspace_source in SUBSPACE_SOURCES, f"one of {SUBSPACE_SOURCES}")
         need("subspace_rate", finite(self.subspace_rate) and 0 <= self.subspace_rate <= 1, "in [0, 1]")
         for name in ("replace_every", "basis_update_every", "reorth_every"):
             v = getattr(self, name)

@@ -20,21 +20,50 @@ def offdiag_ratio(a: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(off) / total)
 
 
-def qr_step(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Wilkinson-shifted QR step on symmetric A (d, d): returns (A' = QᵀAQ, Q)."""
-    d = a.shape[0]
-    if d <= 1:
-        return a.clone(), torch.eye(d, dtype=a.dtype)
-    # Wilkinson shift from the trailing 2×2 block: the eigenvalue closer to a[-1, -1].
-    p, q, r = a[-2, -2], a[-2, -1], a[-1, -1]
+def _wilkinson_shift(block: torch.Tensor) -> torch.Tensor:
+    """The eigenvalue of the symmetric 2×2 ``block`` closer to its last diagonal entry."""
+    p, q, r = block[0, 0], block[0, 1], block[1, 1]
     delta = (p - r) / 2
-    sign = 1.0 if delta >= 0 else -1.0
     denom = abs(delta) + torch.sqrt(delta * delta + q * q)
-    shift = r - sign * q * q / denom if denom > 0 else r
+    if denom == 0:
+        return r
+    sign = 1.0 if delta >= 0 else -1.0
+    return r - sign * q * q / denom
+
+
+def qr_step(a: torch.Tensor, active: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Wilkinson-shifted QR step on the leading ``active`` block of symmetric A (d, d).
+
+    Returns (A' = QᵀAQ, Q). Rows past ``active`` are taken as converged (deflated).
+    """
+    d = a.shape[0]
+    m = d if active is None else active
     eye = torch.eye(d, dtype=a.dtype)
-    qm, rm = torch.linalg.qr(a - shift * eye)
-    new = rm @ qm + shift * eye
-    return 0.5 * (new + new.T), qm
+    if m <= 1:
+        return a.clone(), eye
+    shift = _wilkinson_shift(a[m - 2 : m, m - 2 : m])
+    qm, _ = torch.linalg.qr(a[:m, :m] - shift * torch.eye(m, dtype=a.dtype))
+    q = eye.clone()
+    q[:m, :m] = qm
+    new = q.T @ a @ q
+    return 0.5 * (new + new.T), q
+
+
+def qr_sweep(a: torch.Tensor, steps: int, tol: float = 1e-13) -> tuple[torch.Tensor, torch.Tensor]:
+    """``steps`` shifted QR steps with deflation: once the last row of the active block is
+    (numerically) diagonal its eigenvalue is done and the block shrinks. Returns (A', Q)."""
+    d = a.shape[0]
+    q_total = torch.eye(d, dtype=a.dtype)
+    scale = float(torch.linalg.matrix_norm(a)) or 1.0
+    m = d
+    for _ in range(steps):
+        while m > 1 and float(torch.linalg.vector_norm(a[m - 1, : m - 1])) <= tol * scale:
+            m -= 1
+        if m <= 1:
+            break
+        a, q = qr_step(a, m)
+        q_total = q_total @ q
+    return a, q_total
 
 
 def track_eigenbasis(
@@ -52,9 +81,8 @@ def track_eigenbasis(
         q = q_prev
         ok = True
         try:
-            for _ in range(qr_steps):
-                a, step_q = qr_step(a)
-                q = q @ step_q
+            a, step_q = qr_sweep(a, qr_steps)
+            q = q @ step_q
         except RuntimeError:
             ok = False
         if ok and torch.isfinite(a).all() and offdiag_ratio(a) <= tol:

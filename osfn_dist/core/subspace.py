@@ -15,23 +15,19 @@ def project(basis: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
 
 def apply_basis_update(
     basis: torch.Tensor,
-    grad: torch.Tensor,
-    grad_coords: torch.Tensor,
+    residual: torch.Tensor,
     rotation: torch.Tensor | None,
     residual_coef: torch.Tensor | None,
 ) -> torch.Tensor:
-    """V_new = V A + (g − V y) cᵀ, in place where possible.
+    """V_new = V A + r cᵀ with r = g − V y, in place where possible.
 
-    basis V (D, d); grad g (D,); grad_coords y = Vᵀg (d,); rotation A (d, d) or None
-    (identity); residual_coef c (d,) or None. The residual g − V y is the gradient's part
-    outside the subspace, so new directions enter orthogonal to the old ones.
+    basis V (D, d); residual r (D,), the gradient's part outside the subspace, so new
+    directions enter orthogonal to the old ones; rotation A (d, d) or None (identity);
+    residual_coef c (d,) or None.
     """
-    residual = None
-    if residual_coef is not None:
-        residual = grad.to(basis.dtype) - basis @ grad_coords.to(basis.dtype)
     if rotation is not None:
         basis = basis @ rotation.to(basis.dtype)
-    if residual is not None:
+    if residual_coef is not None:
         basis.addr_(residual, residual_coef.to(basis.dtype))
     return basis
 

@@ -18,25 +18,21 @@ def check_version(update: DirectionUpdate, basis_version: int) -> None:
 
 
 def combine_steps(
-    basis: torch.Tensor, complement_disp: torch.Tensor, grad: torch.Tensor, grad_coords: torch.Tensor,
-    step_coef: torch.Tensor,
+    basis: torch.Tensor, complement_disp: torch.Tensor, residual: torch.Tensor, step_coef: torch.Tensor
 ) -> tuple[torch.Tensor, float]:
     """Δθ = V (s + Vᵀp) − p: the complement displacement p with its subspace part replaced
-    by the Newton step s. Returns (Δθ (D,), g⊥ᵀΔθ) — the latter lets the service follow the
-    position as the basis turns toward g⊥."""
+    by the Newton step s. Returns (Δθ (D,), rᵀΔθ) — the latter lets the service follow the
+    position as the basis turns toward the residual r."""
     q = project(basis, complement_disp)
     delta = basis @ (q + step_coef.to(basis.dtype)) - complement_disp
-    residual_dot = -(float(grad.double() @ complement_disp.double()) - float(grad_coords.double() @ q.double()))
-    return delta, residual_dot
+    return delta, float(residual.double() @ delta.double())
 
 
-def update_basis(
-    basis: torch.Tensor, grad: torch.Tensor, grad_coords: torch.Tensor, update: DirectionUpdate
-) -> torch.Tensor:
+def update_basis(basis: torch.Tensor, residual: torch.Tensor, update: DirectionUpdate) -> torch.Tensor:
     dev = basis.device
     rotation = update.rotation.to(dev) if update.rotation is not None else None
     coef = update.residual_coef.to(dev) if update.residual_coef is not None else None
-    basis = apply_basis_update(basis, grad, grad_coords, rotation, coef)
+    basis = apply_basis_update(basis, residual, rotation, coef)
     if update.reorthonormalize:
         alive = torch.linalg.vector_norm(basis, dim=0) > 0.5
         basis = cholesky_qr2(basis, alive)

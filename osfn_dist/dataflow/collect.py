@@ -23,19 +23,28 @@ def build_report(
     residual_step_dot: float,
     hyper: dict,
     worker_grad_coords: torch.Tensor | None = None,
-) -> tuple[Report, torch.Tensor]:
-    """Returns the report and y = Vᵀg (on the worker's device, for the apply hop)."""
+    source: torch.Tensor | None = None,
+) -> tuple[Report, torch.Tensor, torch.Tensor]:
+    """Returns the report, y = Vᵀg and the residual r = u − V Vᵀu of the vector u the
+    subspace turns toward (``source``; default the gradient). y and r stay on the worker's
+    device for the apply hop."""
     coords = project(basis, grad)
+    src_coords = coords if source is None else project(basis, source)
+    src = grad if source is None else source
+    residual = src.to(basis.dtype) - basis @ src_coords
     report = Report(
         step=step,
         basis_version=basis_version,
         grad_coords=coords.detach().to("cpu", torch.float64),
         grad_sqnorm=float(grad.double().square().sum()) if grad.numel() else 0.0,
+        source_coords=None if source is None else src_coords.detach().to("cpu", torch.float64),
+        source_sqnorm=None if source is None else float(source.double().square().sum()),
+        residual_sqnorm=float(residual.double().square().sum()) if grad.numel() else 0.0,
         residual_step_dot=float(residual_step_dot),
         worker_grad_coords=worker_grad_coords,
         hyper=dict(hyper),
     )
-    return report, coords
+    return report, coords, residual
 
 
 def write_back(params: list[torch.Tensor], grad: torch.Tensor, has_grad: list[bool]) -> None:

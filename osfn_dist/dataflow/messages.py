@@ -36,7 +36,11 @@ class Report:
 
     step: the optimizer step this report belongs to; basis_version: the version of V the
     projections were taken with; grad_coords y = Vᵀḡ (d,) of the averaged gradient;
-    grad_sqnorm ‖ḡ‖²; residual_step_dot g⊥ᵀΔθ of the previous step (0 on the first);
+    grad_sqnorm ‖ḡ‖²; source_coords Vᵀu and source_sqnorm ‖u‖² of the vector u the subspace
+    turns toward (the gradient, or its momentum average; None: the gradient itself);
+    residual_sqnorm ‖u − V Vᵀu‖² (computed directly: ‖u‖² − ‖Vᵀu‖² cancels badly once the
+    subspace holds most of u); residual_step_dot rᵀΔθ of the previous step, r that residual
+    (0 on the first);
     worker_grad_coords (N, d): each worker's own Vᵀg_local, for noise estimates (or None).
     """
 
@@ -44,6 +48,9 @@ class Report:
     basis_version: int
     grad_coords: torch.Tensor
     grad_sqnorm: float
+    source_coords: torch.Tensor | None = None
+    source_sqnorm: float | None = None
+    residual_sqnorm: float | None = None
     residual_step_dot: float = 0.0
     worker_grad_coords: torch.Tensor | None = None
     hyper: dict = field(default_factory=dict)
@@ -92,7 +99,7 @@ def _to_wire(msg) -> dict:
     return out
 
 
-_TENSOR_FIELDS = {"grad_coords", "worker_grad_coords", "step_coef", "rotation", "residual_coef"}
+_TENSOR_FIELDS = {"grad_coords", "source_coords", "worker_grad_coords", "step_coef", "rotation", "residual_coef"}
 
 
 def _from_wire(cls, data: dict):

@@ -117,8 +117,19 @@ class CurvatureService:
             )
         if not torch.isfinite(y).all() or not math.isfinite(report.grad_sqnorm) or report.grad_sqnorm < 0:
             raise DimensionMismatchError("report holds non-finite or negative values; it was rejected")
+        if report.residual_sqnorm is not None and (
+            not math.isfinite(report.residual_sqnorm) or report.residual_sqnorm < 0
+        ):
+            raise DimensionMismatchError("report.residual_sqnorm must be finite and >= 0; it was rejected")
         if not math.isfinite(report.residual_step_dot):
             raise DimensionMismatchError("report.residual_step_dot is not finite; it was rejected")
+        if report.source_coords is not None:
+            sc = torch.as_tensor(report.source_coords, dtype=DTYPE).flatten()
+            sq = report.source_sqnorm
+            if sc.shape[0] != d or not torch.isfinite(sc).all() or sq is None or not math.isfinite(sq) or sq < 0:
+                raise DimensionMismatchError(
+                    f"report.source_coords must be {d} finite floats with a finite source_sqnorm >= 0"
+                )
         if report.worker_grad_coords is not None:
             w = torch.as_tensor(report.worker_grad_coords, dtype=DTYPE)
             if w.ndim != 2 or w.shape[1] != d or not torch.isfinite(w).all():
@@ -218,16 +229,26 @@ class CurvatureService:
             s_eig = torch.where(eigenvalues != 0, s_eig, torch.zeros_like(s_eig))
             step_coef = eigvecs @ s_eig
 
+        # the vector the subspace turns toward: the gradient, or its momentum average
+        if report.source_coords is not None:
+            src = torch.as_tensor(report.source_coords, dtype=DTYPE).flatten()
+            src_sq = float(report.source_sqnorm)
+        else:
+            src, src_sq = y, float(report.grad_sqnorm)
+        resid_sq = (
+            float(report.residual_sqnorm) if report.residual_sqnorm is not None
+            else max(src_sq - float(src @ src), 0.0)
+        )
         # (6) basis update: align with the Hessian eigenbasis, then move toward the gradient.
         rotation = residual_coef = None
         born = None
         reorth = False
         if d > 0 and self.step % int(h["basis_update_every"]) == 0:
-            y_eig = eigvecs.T @ y
+            src_eig = eigvecs.T @ src
             energy_eig = (eigvecs * eigvecs).T @ self.energy
             replace_due = self.step % int(h["replace_every"]) == 0
             rule_rot, residual_coef, born = choose_basis_update(
-                y_eig, float(report.grad_sqnorm), self.alive, energy_eig, self.config.subspace_rule,
+                src_eig, src_sq, resid_sq, self.alive, energy_eig, self.config.subspace_rule,
                 float(h["subspace_rate"]), replace_due,
             )
             aligned = not torch.equal(eigvecs, torch.eye(d, dtype=DTYPE))
@@ -245,7 +266,7 @@ class CurvatureService:
         # rotation angle of the subspace this step: how much of the old span left it.
         angle = 0.0
         if residual_coef is not None:
-            resid_norm = max(float(report.grad_sqnorm) - float(y @ y), 0.0) ** 0.5
+            resid_norm = resid_sq**0.5
             coef_eff = residual_coef.clone()
             if born is not None:
                 coef_eff[born] = 0.0

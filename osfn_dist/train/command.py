@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ..core.errors import ConfigError
@@ -20,10 +21,26 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--run-dir", help="output directory (default runs/<workload>-<time>)")
     p.add_argument("--config", help="YAML file with train settings; flags override it")
-    p.add_argument("--backend", choices=("local", "ray"), help="one process, or Ray Train workers")
-    p.add_argument("--num-workers", type=int, help="Ray Train workers (data parallel)")
+    p.add_argument(
+        "--backend", choices=("local", "ray"),
+        help="ray: Ray Train workers (default when ray is installed); local: one process",
+    )
+    p.add_argument("--num-workers", type=int, help="Ray Train workers (data parallel; default 2)")
     p.add_argument("--address", help="join an existing Ray cluster (e.g. auto, ray://host:10001)")
     p.add_argument("--use-gpu", action="store_true", default=None, help="GPU workers with NCCL")
+    p.add_argument(
+        "--staleness", type=int, choices=(0, 1),
+        help="1: pipeline the curvature actor round trip behind the next forward/backward (default 0)",
+    )
+    p.add_argument(
+        "--shard-basis", action="store_true", default=None,
+        help="shard the subspace basis across workers (each keeps its slice's rows)",
+    )
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
+    p.add_argument("--resume-from", help="checkpoint directory, or a run directory to resume from its latest")
+    p.add_argument("--storage-path", help="where checkpoints go (shared storage on multi-node clusters)")
+    p.add_argument("--max-failures", type=int, help="restart the workers from the last checkpoint this many times")
+    p.add_argument("--actor-timeout", type=float, help="seconds to wait for the curvature actor (default 120)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     p.add_argument("--optimizer", help="osfn | adamw | sgd (default osfn)")
     p.add_argument("--lr", type=float, help="learning rate (complement lr for OSFN)")
@@ -46,9 +63,16 @@ def config_from_args(args):
         "address": args.address,
         "use_gpu": args.use_gpu,
         "metrics_port": args.metrics_port,
+        "staleness": args.staleness,
+        "shard_basis": args.shard_basis,
+        "checkpoint_every": args.checkpoint_every,
+        "resume_from": args.resume_from,
+        "storage_path": args.storage_path,
+        "max_failures": args.max_failures,
+        "actor_timeout_s": args.actor_timeout,
     }
     flags = {k: v for k, v in flags.items() if v is not None}
-    if args.address or args.num_workers or args.use_gpu:
+    if args.address or args.num_workers or args.use_gpu or args.staleness or args.shard_basis:
         flags.setdefault("backend", "ray")
     base = TrainConfig.from_file(args.config).as_dict() if args.config else {}
     merged = {**base, **flags}
@@ -64,6 +88,10 @@ def config_from_args(args):
 
 
 def run(args) -> int:
+    # a user's workload (package.module:function) may live in the current directory, as
+    # with `python -m`; Ray puts the driver's directory on the workers' path as well.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         cfg = config_from_args(args)
     except ConfigError as exc:

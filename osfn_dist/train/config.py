@@ -10,6 +10,13 @@ from ..core.errors import ConfigError
 OPTIMIZER_NAMES = ("osfn", "adamw", "sgd")
 
 
+def default_backend() -> str:
+    """Ray Train when ray is installed (the ``ray`` extra), else one process."""
+    import importlib.util
+
+    return "ray" if importlib.util.find_spec("ray") is not None else "local"
+
+
 @dataclass
 class TrainConfig:
     workload: str = "mnist1d_mlp"
@@ -18,12 +25,21 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     run_dir: str | None = None
-    backend: str = "local"  # "local" (one process) or "ray"
+    backend: str = field(default_factory=default_backend)  # "ray" (Ray Train) or "local" (one process)
     num_workers: int = 2
-    address: str | None = None
+    address: str | None = None  # join this Ray cluster; None: RAY_ADDRESS, else start Ray in-process
     use_gpu: bool = False
     checkpoint_every: int = 100
     metrics_port: int | None = None
+    # --- Ray runs only ---
+    staleness: int = 0  # 1: pipeline the curvature round trip behind the next forward/backward
+    shard_basis: bool = False  # each worker keeps the basis rows of its parameter slice (ZeRO-style)
+    resume_from: str | None = None  # a checkpoint directory, or a run directory (its latest checkpoint)
+    storage_path: str | None = None  # checkpoints (shared storage on multi-node clusters); default <run_dir>/ray
+    keep_checkpoints: int = 2
+    max_failures: int = 0  # worker-group restarts from the last checkpoint (Ray Train FailureConfig)
+    actor_timeout_s: float = 120.0  # longest wait for the curvature actor before a clear error
+    actor_max_restarts: int = 3
     optimizer: dict = field(default_factory=lambda: {"name": "osfn"})
 
     def __post_init__(self) -> None:
@@ -45,6 +61,18 @@ class TrainConfig:
             bad("num_workers", "an int >= 1")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
             bad("checkpoint_every", "an int >= 1")
+        if self.staleness not in (0, 1) or isinstance(self.staleness, bool):
+            bad("staleness", "0 (exact) or 1 (pipelined, one step stale)")
+        if not isinstance(self.shard_basis, bool):
+            bad("shard_basis", "true or false")
+        if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
+            bad("keep_checkpoints", "an int >= 1")
+        for name in ("max_failures", "actor_max_restarts"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < -1:
+                bad(name, "an int >= 0 (or -1: unlimited)")
+        if not isinstance(self.actor_timeout_s, (int, float)) or not self.actor_timeout_s > 0:
+            bad("actor_timeout_s", "a number of seconds > 0")
         if not isinstance(self.optimizer, dict):
             bad("optimizer", "a mapping with 'name' and hyperparameters")
         name = self.optimizer.get("name", "osfn")
