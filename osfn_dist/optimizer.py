@@ -72,6 +72,7 @@ class OSFN(Optimizer):
         self._basis: torch.Tensor | None = None
         self._basis_version = 0
         self._residual_step_dot = 0.0
+        self._prev_step_coords: torch.Tensor | None = None
         self._steps = 0
         self._skipped = 0
         self._last: dict = {}
@@ -181,7 +182,7 @@ class OSFN(Optimizer):
             grad = flat_gradient(params, basis.dtype)
         report, coords, residual = build_report(
             basis, grad, self._steps, self._basis_version, self._residual_step_dot, hyper, worker_coords,
-            source=self._subspace_source(params, has_grad, basis.dtype),
+            source=self._subspace_source(params, has_grad, basis.dtype), prev_step_coords=self._prev_step_coords,
         )
         # exchange
         update = self.exchange.exchange(report)
@@ -195,7 +196,9 @@ class OSFN(Optimizer):
             else:
                 disp_parts.append(torch.zeros(p.numel(), device=basis.device, dtype=basis.dtype))
         disp = torch.cat(disp_parts)
-        delta, self._residual_step_dot = combine_steps(basis, disp, residual, update.step_coef)
+        delta, self._prev_step_coords, self._residual_step_dot = combine_steps(
+            basis, disp, residual, update.step_coef, update.complement_keep
+        )
         # a group with lr = 0 is frozen: neither its complement nor the shared subspace moves it
         scatter_add(params, delta, [ok and group["lr"] > 0 for ok, group in zip(has_grad, groups)])
         self._basis = update_basis(basis, residual, update)
@@ -241,6 +244,7 @@ class OSFN(Optimizer):
             "basis": None if self._basis is None else self._basis.clone(),
             "basis_version": self._basis_version,
             "residual_step_dot": self._residual_step_dot,
+            "prev_step_coords": self._prev_step_coords,
             "steps": self._steps,
             "skipped": self._skipped,
             "subspace_dim": self.subspace_dim,
@@ -269,6 +273,8 @@ class OSFN(Optimizer):
         self._basis = basis
         self._basis_version = worker["basis_version"]
         self._residual_step_dot = worker["residual_step_dot"]
+        prev = worker.get("prev_step_coords")
+        self._prev_step_coords = None if prev is None else prev.clone().to(basis.device if basis is not None else "cpu")
         self._steps = worker["steps"]
         self._skipped = worker["skipped"]
         if self._owns_service and "service" in worker:

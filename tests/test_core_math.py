@@ -106,3 +106,30 @@ def test_online_pca_finds_the_curved_subspace():
     assert cosines.min() > 0.999, cosines
     # the loss fell by orders of magnitude inside the subspace
     assert float((u.T @ theta.detach()).norm()) < 0.05
+
+
+def _saddle_grad(t):
+    # f(a, b) = a²/2 − b²/2 + b⁴/4: strict saddle at 0, minima at (0, ±1)
+    a, b = t
+    return torch.stack([a, -b + b**3])
+
+
+def test_osfn_escapes_a_strict_saddle_that_attracts_exact_newton():
+    start = torch.tensor([1.0, 1e-2])
+    # exact Newton: the negative curvature attracts it into the saddle
+    x = start.clone()
+    for _ in range(20):
+        h = torch.diag(torch.stack([torch.tensor(1.0), -1 + 3 * x[1] ** 2]))
+        x = x - torch.linalg.solve(h, _saddle_grad(x))
+    assert float(x.norm()) < 1e-6
+
+    theta = torch.nn.Parameter(start.clone())
+    opt = OSFN([theta], lr=0.05, complement="sgd", subspace_dim=2, newton_warmup=5, forgetting=0.2,
+               newton_lr=1.0, eig_floor=0.1, trust_radius=0.5, noise_damping=False)
+    saw_negative = 0
+    for _ in range(150):
+        theta.grad = _saddle_grad(theta.detach())
+        opt.step()
+        saw_negative = max(saw_negative, opt.diagnostics["negative_curvature"])
+    assert saw_negative >= 1  # the fitted model saw the negative-curvature direction
+    assert abs(float(theta[1])) > 0.99 and abs(float(theta[0])) < 0.01  # and left along it to a minimum

@@ -225,6 +225,7 @@ INVALID = {
     "newton_momentum": 1.0,
     "eig_floor": 0.0,
     "trust_radius": -1.0,
+    "complement_in_subspace": 1.5,
     "ridge": 0.0,
     "subspace_rule": "pca",
     "subspace_source": "adam",

@@ -35,6 +35,7 @@ class OSFNConfig:
     newton_momentum: float = 0.9  # EMA of subspace gradients the Newton step acts on
     eig_floor: float = 1.0  # |lambda| floor: largest step per unit gradient is newton_lr/eig_floor
     trust_radius: float = 1.0  # cap on the norm of the subspace step, in parameter units
+    complement_in_subspace: float = 0.0  # 0: Newton replaces the complement there; 1: adds to it
     ridge: float = 1e-3  # relative ridge on the position covariance
     subspace_rule: str = "oja"
     subspace_source: str = "momentum"  # turn V toward the gradient or its momentum average
@@ -95,6 +96,11 @@ class OSFNConfig:
         need("newton_momentum", finite(self.newton_momentum) and 0 <= self.newton_momentum < 1, "in [0, 1)")
         need("eig_floor", finite(self.eig_floor) and self.eig_floor > 0, "a finite float > 0")
         need("trust_radius", finite(self.trust_radius) and self.trust_radius > 0, "a finite float > 0")
+        need(
+            "complement_in_subspace",
+            finite(self.complement_in_subspace) and 0 <= self.complement_in_subspace <= 1,
+            "in [0, 1]",
+        )
         need("ridge", finite(self.ridge) and self.ridge > 0, "a finite float > 0")
         need("subspace_rule", self.subspace_rule in SUBSPACE_RULES, f"one of {SUBSPACE_RULES}")
         need("subspace_source", self.subspace_source in SUBSPACE_SOURCES, f"one of {SUBSPACE_SOURCES}")

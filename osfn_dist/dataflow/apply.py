@@ -18,14 +18,18 @@ def check_version(update: DirectionUpdate, basis_version: int) -> None:
 
 
 def combine_steps(
-    basis: torch.Tensor, complement_disp: torch.Tensor, residual: torch.Tensor, step_coef: torch.Tensor
-) -> tuple[torch.Tensor, float]:
-    """Δθ = V (s + Vᵀp) − p: the complement displacement p with its subspace part replaced
-    by the Newton step s. Returns (Δθ (D,), rᵀΔθ) — the latter lets the service follow the
-    position as the basis turns toward the residual r."""
+    basis: torch.Tensor, complement_disp: torch.Tensor, residual: torch.Tensor, step_coef: torch.Tensor,
+    complement_keep: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Δθ = V (s + (1 − π) Vᵀp) − p: the complement displacement p with (a share 1 − π of)
+    its subspace part replaced by the Newton step s.
+
+    Returns (Δθ (D,), VᵀΔθ = s − π Vᵀp (d,), rᵀΔθ): the last two let the service follow the
+    position in subspace coordinates as the basis turns toward the residual r."""
     q = project(basis, complement_disp)
-    delta = basis @ (q + step_coef.to(basis.dtype)) - complement_disp
-    return delta, float(residual.double() @ delta.double())
+    s = step_coef.to(device=basis.device, dtype=basis.dtype)
+    delta = basis @ (s + (1.0 - complement_keep) * q) - complement_disp
+    return delta, s - complement_keep * q, float(residual.double() @ delta.double())
 
 
 def update_basis(basis: torch.Tensor, residual: torch.Tensor, update: DirectionUpdate) -> torch.Tensor:

@@ -24,6 +24,7 @@ def build_report(
     hyper: dict,
     worker_grad_coords: torch.Tensor | None = None,
     source: torch.Tensor | None = None,
+    prev_step_coords: torch.Tensor | None = None,
 ) -> tuple[Report, torch.Tensor, torch.Tensor]:
     """Returns the report, y = Vᵀg and the residual r = u − V Vᵀu of the vector u the
     subspace turns toward (``source``; default the gradient). y and r stay on the worker's
@@ -41,6 +42,7 @@ def build_report(
         source_sqnorm=None if source is None else float(source.double().square().sum()),
         residual_sqnorm=float(residual.double().square().sum()) if grad.numel() else 0.0,
         residual_step_dot=float(residual_step_dot),
+        prev_step_coords=None if prev_step_coords is None else prev_step_coords.detach().to("cpu", torch.float64),
         worker_grad_coords=worker_grad_coords,
         hyper=dict(hyper),
     )

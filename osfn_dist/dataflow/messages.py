@@ -26,6 +26,7 @@ LIVE_HYPERPARAMETERS = (
     "reorth_every",
     "newton_warmup",
     "noise_damping",
+    "complement_in_subspace",
     "step_scale",
 )
 
@@ -39,8 +40,9 @@ class Report:
     grad_sqnorm ‖ḡ‖²; source_coords Vᵀu and source_sqnorm ‖u‖² of the vector u the subspace
     turns toward (the gradient, or its momentum average; None: the gradient itself);
     residual_sqnorm ‖u − V Vᵀu‖² (computed directly: ‖u‖² − ‖Vᵀu‖² cancels badly once the
-    subspace holds most of u); residual_step_dot rᵀΔθ of the previous step, r that residual
-    (0 on the first);
+    subspace holds most of u); prev_step_coords V_prevᵀΔθ_prev (d,), the previous step's
+    displacement in the coordinates of the basis it was taken in (None: zeros);
+    residual_step_dot rᵀΔθ of the previous step, r that residual (0 on the first);
     worker_grad_coords (N, d): each worker's own Vᵀg_local, for noise estimates (or None).
     """
 
@@ -51,6 +53,7 @@ class Report:
     source_coords: torch.Tensor | None = None
     source_sqnorm: float | None = None
     residual_sqnorm: float | None = None
+    prev_step_coords: torch.Tensor | None = None
     residual_step_dot: float = 0.0
     worker_grad_coords: torch.Tensor | None = None
     hyper: dict = field(default_factory=dict)
@@ -70,6 +73,9 @@ class DirectionUpdate:
     base_version: the basis version the update is for; new_version: the version after it.
     step_coef s (d,): the saddle-free Newton step θ += V s in base coordinates.
     rotation A (d, d) or None and residual_coef c (d,) or None: V ← V A + (g − V y) cᵀ.
+    complement_keep π: share of the complement's own step kept inside the subspace,
+    θ += V (s + (1 − π) Vᵀp) − p: 0 = the Newton step owns the subspace, 1 = it adds to the
+    complement (always 1 before the curvature model is ready).
     reorthonormalize: re-orthonormalise V after the update (CholeskyQR).
     diagnostics: small floats for logs and dashboards.
     """
@@ -80,6 +86,7 @@ class DirectionUpdate:
     step_coef: torch.Tensor
     rotation: torch.Tensor | None = None
     residual_coef: torch.Tensor | None = None
+    complement_keep: float = 0.0
     reorthonormalize: bool = False
     diagnostics: dict = field(default_factory=dict)
 
@@ -99,7 +106,7 @@ def _to_wire(msg) -> dict:
     return out
 
 
-_TENSOR_FIELDS = {"grad_coords", "source_coords", "worker_grad_coords", "step_coef", "rotation", "residual_coef"}
+_TENSOR_FIELDS = {"grad_coords", "source_coords", "prev_step_coords", "worker_grad_coords", "step_coef", "rotation", "residual_coef"}
 
 
 def _from_wire(cls, data: dict):

@@ -48,7 +48,6 @@ class CurvatureService:
         self.noise_var = torch.zeros(d, dtype=DTYPE)  # variance of the averaged gradient per direction
         self.position = torch.zeros(d, dtype=DTYPE)
         self.alive = torch.zeros(d, dtype=torch.bool)
-        self.pending_shift = torch.zeros(d, dtype=DTYPE)
         self.pending_residual = torch.zeros(d, dtype=DTYPE)
         self.last_transform = torch.eye(d, dtype=DTYPE)
         self.step = 0
@@ -63,7 +62,7 @@ class CurvatureService:
                 k: getattr(self, k).clone()
                 for k in (
                     "eigvecs eigenvalues momentum energy noise_var position alive "
-                    "pending_shift pending_residual last_transform"
+                    "pending_residual last_transform"
                 ).split()
             }
             return {
@@ -130,6 +129,10 @@ class CurvatureService:
                 raise DimensionMismatchError(
                     f"report.source_coords must be {d} finite floats with a finite source_sqnorm >= 0"
                 )
+        if report.prev_step_coords is not None:
+            pc = torch.as_tensor(report.prev_step_coords, dtype=DTYPE).flatten()
+            if pc.shape[0] != d or not torch.isfinite(pc).all():
+                raise DimensionMismatchError(f"report.prev_step_coords must be {d} finite floats")
         if report.worker_grad_coords is not None:
             w = torch.as_tensor(report.worker_grad_coords, dtype=DTYPE)
             if w.ndim != 2 or w.shape[1] != d or not torch.isfinite(w).all():
@@ -173,9 +176,11 @@ class CurvatureService:
         base_version = self.version
         self.step += 1
 
-        # (1) position in subspace coordinates: previous position carried into this basis
-        # plus the previous step's displacement (its subspace part and its residual part).
-        self.position = self.position + self.pending_shift + self.pending_residual * report.residual_step_dot
+        # (1) position in subspace coordinates: the previous position (already carried into
+        # this basis) plus the previous step's displacement, V_newᵀΔθ = T (V_oldᵀΔθ) + c (rᵀΔθ).
+        if report.prev_step_coords is not None:
+            self.position = self.position + self.last_transform @ torch.as_tensor(report.prev_step_coords, dtype=DTYPE)
+        self.position = self.position + self.pending_residual * report.residual_step_dot
 
         # (2) regression statistics and per-direction gradient energy / noise.
         self.stats.update(self.position, y, float(h["forgetting"]))
@@ -215,7 +220,8 @@ class CurvatureService:
 
         # (5) saddle-free Newton step on the bias-corrected subspace momentum.
         step_coef = torch.zeros(d, dtype=DTYPE)
-        if idx.numel() > 0 and self.step > int(h["newton_warmup"]):
+        newton_active = idx.numel() > 0 and self.step > int(h["newton_warmup"])
+        if newton_active:
             m_hat = self.momentum / max(self.momentum_weight, 1e-12)
             m_eig = eigvecs.T @ torch.where(mature, m_hat, torch.zeros_like(m_hat))
             noise = None
@@ -273,7 +279,6 @@ class CurvatureService:
             angle = math.degrees(math.atan(float(torch.linalg.vector_norm(coef_eff)) * resid_norm))
             if born is not None and base_version > 0 and bool(self.alive.sum() == d):
                 angle = max(angle, 90.0 / max(d, 1))
-        self.pending_shift = transform @ step_coef
         self.pending_residual = residual_coef.clone() if residual_coef is not None else torch.zeros(d, dtype=DTYPE)
         self.last_diagnostics = {
             "step": self.step,
@@ -295,6 +300,7 @@ class CurvatureService:
             step_coef=step_coef,
             rotation=rotation,
             residual_coef=residual_coef,
+            complement_keep=float(h["complement_in_subspace"]) if newton_active else 1.0,
             reorthonormalize=reorth,
             diagnostics=dict(self.last_diagnostics),
         )
