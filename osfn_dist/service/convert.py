@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import fields
+from dataclasses import MISSING, fields
 
 import sys
 
@@ -69,15 +69,30 @@ def bytes_to_tensor(data: bytes, what: str, shape: tuple[int, ...] | None = None
 # messages.py gains a field that is missing here (extend the .proto and this module).
 REPORT_FIELDS = (
     "step", "basis_version", "grad_coords", "grad_sqnorm", "source_coords", "source_sqnorm",
-    "residual_sqnorm", "residual_step_dot", "worker_grad_coords", "hyper",
+    "residual_sqnorm", "prev_step_coords", "residual_step_dot", "worker_grad_coords", "hyper",
 )
 UPDATE_FIELDS = (
-    "step", "base_version", "new_version", "step_coef", "rotation", "residual_coef", "reorthonormalize",
-    "diagnostics",
+    "step", "base_version", "new_version", "step_coef", "rotation", "residual_coef", "complement_keep",
+    "reorthonormalize", "diagnostics",
 )
+
+
+def _check_fields(msg, known: tuple[str, ...]) -> None:
+    """Fail loudly (instead of silently dropping data) when messages.py gained a field that
+    the protobuf mapping does not carry yet."""
+    for f in fields(msg):
+        if f.name not in known:
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            value = getattr(msg, f.name)
+            if value is not default and not (value is None and default is None) and value != default:
+                raise NotImplementedError(
+                    f"{type(msg).__name__}.{f.name} is not carried over gRPC yet: add it to "
+                    "proto/osfn/v1/curvature.proto and osfn_dist/service/convert.py, then run scripts/gen-proto.sh"
+                )
 
 
 def report_to_proto(report: Report) -> pb.Report:
+    _check_fields(report, REPORT_FIELDS)
     msg = pb.Report(
         step=int(report.step),
         basis_version=int(report.basis_version),
@@ -91,6 +106,8 @@ def report_to_proto(report: Report) -> pb.Report:
         msg.source_sqnorm = float(report.source_sqnorm)
     if report.residual_sqnorm is not None:
         msg.residual_sqnorm = float(report.residual_sqnorm)
+    if report.prev_step_coords is not None:
+        msg.prev_step_coords = tensor_to_bytes(torch.as_tensor(report.prev_step_coords))
     if report.worker_grad_coords is not None:
         w = torch.as_tensor(report.worker_grad_coords, dtype=torch.float64)
         msg.num_workers = int(w.shape[0]) if w.ndim else 0
@@ -122,6 +139,9 @@ def report_from_proto(msg: pb.Report) -> Report:
         source_coords=bytes_to_tensor(msg.source_coords, "source_coords") if msg.HasField("source_coords") else None,
         source_sqnorm=float(msg.source_sqnorm) if msg.HasField("source_sqnorm") else None,
         residual_sqnorm=float(msg.residual_sqnorm) if msg.HasField("residual_sqnorm") else None,
+        prev_step_coords=(
+            bytes_to_tensor(msg.prev_step_coords, "prev_step_coords") if msg.HasField("prev_step_coords") else None
+        ),
         worker_grad_coords=workers,
         hyper={k: _typed_hyper(k, v) for k, v in msg.hyper.items()},
     )
@@ -149,11 +169,13 @@ _DIAG_FIELDS = {
 
 
 def update_to_proto(update: DirectionUpdate) -> pb.DirectionUpdate:
+    _check_fields(update, UPDATE_FIELDS)
     msg = pb.DirectionUpdate(
         step=int(update.step),
         base_version=int(update.base_version),
         new_version=int(update.new_version),
         step_coef=tensor_to_bytes(update.step_coef),
+        complement_keep=float(update.complement_keep),
         reorthonormalize=bool(update.reorthonormalize),
     )
     if update.rotation is not None:
@@ -188,6 +210,7 @@ def update_from_proto(msg: pb.DirectionUpdate) -> DirectionUpdate:
         step_coef=step_coef,
         rotation=rotation,
         residual_coef=residual,
+        complement_keep=float(msg.complement_keep),
         reorthonormalize=bool(msg.reorthonormalize),
         diagnostics=diag,
     )

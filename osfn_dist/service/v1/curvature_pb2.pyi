@@ -15,7 +15,7 @@ class ExchangeRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ..., report: _Optional[_Union[Report, _Mapping]] = ...) -> None: ...
 
 class Report(_message.Message):
-    __slots__ = ("step", "basis_version", "grad_coords", "grad_sqnorm", "residual_step_dot", "worker_grad_coords", "num_workers", "hyper", "source_coords", "source_sqnorm", "residual_sqnorm")
+    __slots__ = ("step", "basis_version", "grad_coords", "grad_sqnorm", "residual_step_dot", "worker_grad_coords", "num_workers", "hyper", "source_coords", "source_sqnorm", "residual_sqnorm", "prev_step_coords")
     class HyperEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class Report(_message.Message):
     SOURCE_COORDS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_SQNORM_FIELD_NUMBER: _ClassVar[int]
     RESIDUAL_SQNORM_FIELD_NUMBER: _ClassVar[int]
+    PREV_STEP_COORDS_FIELD_NUMBER: _ClassVar[int]
     step: int
     basis_version: int
     grad_coords: bytes
@@ -45,10 +46,11 @@ class Report(_message.Message):
     source_coords: bytes
     source_sqnorm: float
     residual_sqnorm: float
-    def __init__(self, step: _Optional[int] = ..., basis_version: _Optional[int] = ..., grad_coords: _Optional[bytes] = ..., grad_sqnorm: _Optional[float] = ..., residual_step_dot: _Optional[float] = ..., worker_grad_coords: _Optional[bytes] = ..., num_workers: _Optional[int] = ..., hyper: _Optional[_Mapping[str, float]] = ..., source_coords: _Optional[bytes] = ..., source_sqnorm: _Optional[float] = ..., residual_sqnorm: _Optional[float] = ...) -> None: ...
+    prev_step_coords: bytes
+    def __init__(self, step: _Optional[int] = ..., basis_version: _Optional[int] = ..., grad_coords: _Optional[bytes] = ..., grad_sqnorm: _Optional[float] = ..., residual_step_dot: _Optional[float] = ..., worker_grad_coords: _Optional[bytes] = ..., num_workers: _Optional[int] = ..., hyper: _Optional[_Mapping[str, float]] = ..., source_coords: _Optional[bytes] = ..., source_sqnorm: _Optional[float] = ..., residual_sqnorm: _Optional[float] = ..., prev_step_coords: _Optional[bytes] = ...) -> None: ...
 
 class DirectionUpdate(_message.Message):
-    __slots__ = ("step", "base_version", "new_version", "step_coef", "rotation", "residual_coef", "reorthonormalize", "diagnostics")
+    __slots__ = ("step", "base_version", "new_version", "step_coef", "rotation", "residual_coef", "reorthonormalize", "diagnostics", "complement_keep")
     STEP_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     NEW_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +59,7 @@ class DirectionUpdate(_message.Message):
     RESIDUAL_COEF_FIELD_NUMBER: _ClassVar[int]
     REORTHONORMALIZE_FIELD_NUMBER: _ClassVar[int]
     DIAGNOSTICS_FIELD_NUMBER: _ClassVar[int]
+    COMPLEMENT_KEEP_FIELD_NUMBER: _ClassVar[int]
     step: int
     base_version: int
     new_version: int
@@ -65,7 +68,8 @@ class DirectionUpdate(_message.Message):
     residual_coef: bytes
     reorthonormalize: bool
     diagnostics: Diagnostics
-    def __init__(self, step: _Optional[int] = ..., base_version: _Optional[int] = ..., new_version: _Optional[int] = ..., step_coef: _Optional[bytes] = ..., rotation: _Optional[bytes] = ..., residual_coef: _Optional[bytes] = ..., reorthonormalize: _Optional[bool] = ..., diagnostics: _Optional[_Union[Diagnostics, _Mapping]] = ...) -> None: ...
+    complement_keep: float
+    def __init__(self, step: _Optional[int] = ..., base_version: _Optional[int] = ..., new_version: _Optional[int] = ..., step_coef: _Optional[bytes] = ..., rotation: _Optional[bytes] = ..., residual_coef: _Optional[bytes] = ..., reorthonormalize: _Optional[bool] = ..., diagnostics: _Optional[_Union[Diagnostics, _Mapping]] = ..., complement_keep: _Optional[float] = ...) -> None: ...
 
 class Diagnostics(_message.Message):
     __slots__ = ("step", "basis_version", "eigenvalues", "negative_curvature", "rotation_angle_deg", "subspace_step_norm", "regression_residual", "noise_ratio", "eigh_fallbacks", "alive_directions", "used_eigh_fallback", "extra")
