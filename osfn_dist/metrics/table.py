@@ -31,6 +31,7 @@ class Panel:
     legend: str
     unit: str = "short"  # Grafana unit id
     kind: str = "timeseries"  # or "stat"
+    row: str = "Curvature"  # dashboard row: Training | Curvature | Curvature service
 
 
 @dataclass(frozen=True)
@@ -65,28 +66,29 @@ def _p99(name: str, by: str = "job") -> str:
 METRICS: tuple[Metric, ...] = (
     Metric(
         "osfn_train_loss", "gauge", "Training loss of the worker's last step.", "", (WORKER,),
-        Panel("Training loss", f"avg by (job) (osfn_train_loss{{{JOB}}})", "{{job}}"),
+        Panel("Training loss", f"avg by (job) (osfn_train_loss{{{JOB}}})", "{{job}}", row="Training"),
     ),
     Metric(
         "osfn_step_duration_seconds", "histogram", "Wall time of one training step (forward, backward, optimizer).",
         "seconds", (WORKER,),
-        Panel("Step time p99", _p99("osfn_step_duration_seconds"), "{{job}} p99", "s"),
+        Panel("Step time p99", _p99("osfn_step_duration_seconds"), "{{job}} p99", "s", row="Training"),
         buckets=_STEP_BUCKETS,
     ),
     Metric(
         "osfn_samples_total", "counter", "Training samples processed by the worker.", "samples", (WORKER,),
-        Panel("Throughput", f"sum by (job) (rate(osfn_samples_total{{{JOB}}}[{RATE}]))", "{{job}}", "samples/s"),
+        Panel("Throughput", f"sum by (job) (rate(osfn_samples_total{{{JOB}}}[{RATE}]))", "{{job}}", "samples/s", row="Training"),
     ),
     Metric(
         "osfn_steps_total", "counter", "Optimizer steps taken by the worker (skipped steps included).", "steps",
         (WORKER,),
-        Panel("Steps per second", f"max by (job) (rate(osfn_steps_total{{{JOB}}}[{RATE}]))", "{{job}}", "ops"),
+        Panel("Steps per second", f"max by (job) (rate(osfn_steps_total{{{JOB}}}[{RATE}]))", "{{job}}", "ops", row="Training"),
     ),
     Metric(
         "osfn_exchange_duration_seconds", "histogram",
         "Round trip of one curvature exchange seen by the worker (in-process call, Ray actor call or gRPC RPC).",
         "seconds", (WORKER,),
-        Panel("Exchange latency p99 (worker side)", _p99("osfn_exchange_duration_seconds"), "{{job}} p99", "s"),
+        Panel("Exchange latency p99 (worker side)", _p99("osfn_exchange_duration_seconds"), "{{job}} p99", "s",
+              row="Curvature service"),
         buckets=_LATENCY_BUCKETS,
     ),
     Metric(
@@ -95,6 +97,7 @@ METRICS: tuple[Metric, ...] = (
         Panel(
             "Curvature service latency p99",
             _p99("osfn_service_request_duration_seconds", "job, method"), "{{job}} {{method}}", "s",
+            row="Curvature service",
         ),
         extra_labels=("method", "code"), buckets=_LATENCY_BUCKETS,
     ),
@@ -104,7 +107,7 @@ METRICS: tuple[Metric, ...] = (
         Panel(
             "Curvature service requests",
             f"sum by (job, method, code) (rate(osfn_service_requests_total{{{JOB}}}[{RATE}]))",
-            "{{job}} {{method}} {{code}}", "reqps",
+            "{{job}} {{method}} {{code}}", "reqps", row="Curvature service",
         ),
         extra_labels=("method", "code"),
     ),
@@ -138,12 +141,13 @@ METRICS: tuple[Metric, ...] = (
     Metric(
         "osfn_skipped_steps_total", "counter", "Steps skipped because the gradient held NaN/Inf.", "steps",
         (WORKER,),
-        Panel("Skipped steps", f"max by (job) (osfn_skipped_steps_total{{{JOB}}})", "{{job}}", "short", "stat"),
+        Panel("Skipped steps", f"max by (job) (osfn_skipped_steps_total{{{JOB}}})", "{{job}}", "short", "stat",
+              row="Training"),
     ),
     Metric(
         "osfn_worker_up", "gauge", "1 while the worker (or curvature service) is running, 0 once it stopped.", "",
         (WORKER, SERVICE),
-        Panel("Workers up", f"sum by (job) (osfn_worker_up{{{JOB}}})", "{{job}}", "short", "stat"),
+        Panel("Workers up", f"sum by (job) (osfn_worker_up{{{JOB}}})", "{{job}}", "short", "stat", row="Training"),
     ),
     Metric(
         "osfn_basis_version", "gauge", "Version of the subspace basis V (bumped by every basis update).", "",
