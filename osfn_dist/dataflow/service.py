@@ -250,16 +250,19 @@ class CurvatureService:
         born = None
         reorth = False
         if d > 0 and self.step % int(h["basis_update_every"]) == 0:
-            src_eig = eigvecs.T @ src
-            energy_eig = (eigvecs * eigvecs).T @ self.energy
+            # Turning V into the Hessian eigenbasis costs the workers a D×d² product, so it
+            # happens every reorth_every steps; in between the service steps with Q itself.
+            align = self.step % int(h["reorth_every"]) == 0 and not torch.equal(eigvecs, torch.eye(d, dtype=DTYPE))
+            frame = eigvecs if align else torch.eye(d, dtype=DTYPE)
+            src_f = frame.T @ src
+            energy_f = (frame * frame).T @ self.energy
             replace_due = self.step % int(h["replace_every"]) == 0
             rule_rot, residual_coef, born = choose_basis_update(
-                src_eig, src_sq, resid_sq, self.alive, energy_eig, self.config.subspace_rule,
+                src_f, src_sq, resid_sq, self.alive, energy_f, self.config.subspace_rule,
                 float(h["subspace_rate"]), replace_due,
             )
-            aligned = not torch.equal(eigvecs, torch.eye(d, dtype=DTYPE))
-            if aligned or rule_rot is not None:
-                rotation = eigvecs if rule_rot is None else eigvecs @ rule_rot
+            if align or rule_rot is not None:
+                rotation = frame if rule_rot is None else frame @ rule_rot
         transform = rotation.T if rotation is not None else torch.eye(d, dtype=DTYPE)
         changed = rotation is not None or residual_coef is not None
         if changed:
