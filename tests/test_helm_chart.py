@@ -225,6 +225,25 @@ def test_every_value_in_values_yaml_is_typed_and_described_in_the_schema():
     assert missing == []
 
 
+def test_every_value_is_listed_in_the_charts_readme():
+    readme = (CHART / "README.md").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def leaves(value, node, path):
+        # A key is a leaf of the table when the schema stops listing sub-keys (free-form maps).
+        if "$ref" in node:
+            node = schema["definitions"][node["$ref"].split("/")[-1]]
+        if isinstance(value, dict) and value and node.get("additionalProperties") is False:
+            for key, child in value.items():
+                yield from leaves(child, node["properties"][key], f"{path}.{key}" if path else key)
+        else:
+            yield path
+
+    missing = [p for p in leaves(values, schema, "") if f"| `{p}` |" not in readme]
+    assert missing == []
+
+
 # --- the training run ---------------------------------------------------------------------------
 
 
@@ -324,6 +343,9 @@ def test_entrypoint_and_config_are_accepted_by_the_real_train_command(value_set,
     cfg = command.config_from_args(args)
     assert cfg.backend == "ray" and cfg.address == "auto"
     assert cfg.num_workers == train_config(objs)["num_workers"]
+    from osfn_dist.workloads import workload_names
+
+    assert cfg.workload in workload_names()
 
 
 def test_num_workers_default_to_the_gpus_of_the_worker_group():
