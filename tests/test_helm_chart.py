@@ -118,6 +118,10 @@ def ray_pin() -> str:
     return spec.split("==")[1]
 
 
+def render_notes(values: dict) -> str:
+    return render_raw(values)["osfn-dist/templates/NOTES.txt"]
+
+
 def schema_error(values: dict) -> str:
     with pytest.raises(helm.HelmValuesError) as info:
         render_raw(values)
@@ -442,6 +446,35 @@ def test_curvature_tls_mounts_the_certificate_secret():
     (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
     assert volume["secret"]["secretName"] == "osfn-curvature-tls"
     assert "tls.secretName" in render_error({"curvatureService": {"tls": {"enabled": True}}})
+
+
+@pytest.mark.parametrize("value_set", ["defaults", "monitoring-on"])
+def test_curvature_server_args_and_the_notes_status_command_parse_with_the_real_cli(value_set):
+    pytest.importorskip("osfn_dist.service.command", reason="serve command not built yet")
+    from osfn_dist.cli import build_parser
+
+    objs = objects(value_set)
+    deployment, service, container = curvature(objs)
+    args = build_parser().parse_args(container["args"][1:])
+    assert args.command == "serve" and args.host == "0.0.0.0"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert args.port == ports["grpc"] and args.metrics_port == ports["metrics"]
+    assert args.token_file
+    tls = value_set == "monitoring-on"
+    assert bool(args.tls_cert) is tls and bool(args.tls_key) is tls
+    notes = render_notes(VALUE_SETS[value_set])
+    (status_line,) = [line.strip() for line in notes.splitlines() if line.strip().startswith("osfn-dist status")]
+    status = build_parser().parse_args(shlex.split(status_line)[1:])
+    assert status.address.endswith(f":{service['spec']['ports'][0]['port']}") and status.token_file
+
+
+def test_curvature_state_survives_restarts_on_a_volume():
+    deployment, _, container = curvature(objects({"curvatureService": {"persistence": {"existingClaim": "curv"}}}))
+    state = Path(arg(container, "--state-file"))
+    (mount,) = [m for m in container["volumeMounts"] if state.is_relative_to(m["mountPath"])]
+    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["persistentVolumeClaim"]["claimName"] == "curv"
+    assert "--state-file" not in curvature(objects("defaults"))[2]["args"]
 
 
 # --- monitoring ---------------------------------------------------------------------------------
