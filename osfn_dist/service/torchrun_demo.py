@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--token-file")
     ap.add_argument("--job", default="torchrun-demo")
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--out", help="rank 0 writes the final flat parameters here (torch.save)")
+    ap.add_argument("--out", help="rank 0 writes the final flat parameters here (torch.save), rank r to OUT.rank<r>")
     ap.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port + local rank")
     ap.add_argument("--step-sleep", type=float, default=0.0)
     ap.add_argument("--nan-step", type=int)
@@ -118,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         print(f"rank 0: loss {losses[0]:.5f} -> {losses[-1]:.5f} after {len(losses)} steps; "
               f"eigenvalues {[round(v, 4) for v in opt.diagnostics['eigenvalues']]}", flush=True)
-        if args.out:
-            torch.save({"params": flat_params(model), "losses": losses, "diagnostics": opt.diagnostics}, args.out)
+    if args.out:  # rank 0 writes OUT, rank r > 0 writes OUT.rank<r> (all ranks must agree)
+        path = args.out if rank == 0 else f"{args.out}.rank{rank}"
+        torch.save({"params": flat_params(model), "losses": losses, "diagnostics": opt.diagnostics}, path)
     if metrics is not None:
         metrics.set_up(False)
     if distributed:
