@@ -152,9 +152,11 @@ def test_multi_gpu_config_matches_the_cluster_it_runs_on(tmp_path):
         (runs,) = [v for v in spec["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"]]
         (runs_mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == runs["name"]]
         assert Path(cfg.run_dir).is_relative_to(runs_mount["mountPath"]), "checkpoints must go to shared storage"
-        ports = {p["name"]: p["containerPort"] for p in spec["containers"][0]["ports"]}
-        assert ports["osfn-metrics"] == cfg.metrics_port
     for group in groups:
+        # One metrics port per local rank: workers serve on metrics_port + local rank.
+        container = group["template"]["spec"]["containers"][0]
+        train_ports = sorted(p["containerPort"] for p in container["ports"] if p["name"].startswith("osfn-train-"))
+        assert train_ports == [cfg.metrics_port + r for r in range(container["resources"]["limits"]["nvidia.com/gpu"])]
         tolerations = group["template"]["spec"]["tolerations"]
         assert any(t["key"] == "nvidia.com/gpu" for t in tolerations)
         assert group["template"]["spec"]["nodeSelector"]
@@ -229,7 +231,7 @@ def test_local_prometheus_config_scrapes_the_training_and_curvature_ports():
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     targets = {job["job_name"]: [t for sc in job.get("static_configs", []) for t in sc["targets"]] for job in config["scrape_configs"]}
-    assert targets["osfn-train"] == ["localhost:9401"]
+    assert targets["osfn-train"] == ["localhost:9401", "localhost:9402"]  # default 2 workers, 9401 + local rank
     assert targets["osfn-curvature"] == [f"localhost:{values['curvatureService']['metricsPort']}"]
 
 
@@ -291,7 +293,8 @@ def test_kubernetes_prometheus_config_finds_the_pods_the_chart_creates():
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus-kubernetes.yml").read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     found = {(job, name): discovered_targets(jobs[job], pod) for job in jobs for name, pod in chart_pods().items()}
-    assert found[("osfn-train", "head")] == found[("osfn-train", "worker")] == ["osfn-metrics:9401"]
+    assert found[("osfn-train", "head")] == []  # GPU workers never run on the head
+    assert found[("osfn-train", "worker")] == ["osfn-train-0:9401"]
     assert found[("osfn-train", "curvature")] == []
     assert found[("osfn-curvature", "curvature")] == ["metrics:9400"]
     assert found[("osfn-curvature", "head")] == found[("osfn-curvature", "worker")] == []
@@ -303,9 +306,10 @@ def test_kubernetes_prometheus_config_finds_the_multi_gpu_example_pods():
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus-kubernetes.yml").read_text())
     (train_job,) = [j for j in config["scrape_configs"] if j["job_name"] == "osfn-train"]
     job = only(docs(DEPLOY / "rayjob" / "multi-gpu.yaml"), "RayJob")
-    for pod in pods(job):
-        pod["metadata"]["labels"]["app.kubernetes.io/part-of"] = job["metadata"]["labels"]["app.kubernetes.io/part-of"]
-        assert discovered_targets(train_job, pod) == ["osfn-metrics:9401"]
+    head, *workers = pods(job)
+    assert discovered_targets(train_job, head) == []
+    for pod in workers:
+        assert discovered_targets(train_job, pod) == [f"osfn-train-{r}:{9401 + r}" for r in range(4)]
 
 
 # --- Grafana provisioning -----------------------------------------------------------------------

@@ -518,14 +518,30 @@ def test_pod_monitor_scrapes_the_training_metrics_port_of_every_ray_pod():
     config = train_config(objs)
     selector = monitor["spec"]["selector"]
     (expression,) = selector["matchExpressions"]
+    endpoints = {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}
     for pod, container in zip([head_pod(job)] + [g["template"] for g in worker_groups(job)], ray_containers(job)):
         labels = pod["metadata"]["labels"]
         assert selector["matchLabels"].items() <= labels.items()
         assert labels[expression["key"]] in expression["values"]
-        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
-            assert endpoint["port"] in ports
-        assert ports["osfn-metrics"] == config["metrics_port"]
+    # Each GPU worker serves metrics_port + local rank (osfn_dist/train/ray_worker.py).
+    (group,) = worker_groups(job)
+    ports = {p["name"]: p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]}
+    gpus = group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    train_ports = {name: port for name, port in ports.items() if name.startswith("osfn-train-")}
+    assert sorted(train_ports.values()) == [config["metrics_port"] + rank for rank in range(gpus)]
+    assert set(train_ports) | {"metrics"} == endpoints
+
+
+@pytest.mark.parametrize(("values", "head_ports", "worker_ports"), [
+    ({"workers": {"gpus": 8}}, [], [9401 + r for r in range(8)]),
+    ({"workers": {"gpus": 0}}, [9401], [9401]),
+    ({"workers": {"gpus": 0}, "metrics": {"ranksPerPod": 3}}, [9401], [9401, 9402, 9403]),
+])
+def test_training_metrics_ports_follow_the_workers_per_pod(values, head_ports, worker_ports):
+    job = only(objects(values), "RayJob")
+    head, worker = ray_containers(job)
+    listed = lambda c: sorted(p["containerPort"] for p in c["ports"] if p["name"].startswith("osfn-train-"))
+    assert listed(head) == head_ports and listed(worker) == worker_ports
 
 
 def test_monitors_without_metrics_ports_are_refused():

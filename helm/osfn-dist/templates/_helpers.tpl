@@ -57,11 +57,19 @@ app.kubernetes.io/part-of: osfn-dist
 {{- end }}
 
 {{/*
-The training metrics port. The package has no fixed default (TrainConfig.metrics_port is None);
-the chart turns the exporter on at this port through the train config, and the PodMonitor and the
-container ports refer to it by the name "osfn-metrics".
+The training metrics port. The package has no default (TrainConfig.metrics_port is None); the
+chart turns the exporters on through the train config. Each Ray Train worker serves on
+metrics_port + its local rank (osfn_dist/train/ray_worker.py), so a pod with k workers has k
+ports, named osfn-train-<rank> for the PodMonitor and the scrape configs.
 */}}
 {{- define "osfn-dist.trainMetricsPort" -}}9401{{- end }}
+
+{{/* Ray Train workers per worker pod: one per GPU, or metrics.ranksPerPod (CPU pods: default 1). */}}
+{{- define "osfn-dist.ranksPerPod" -}}
+{{- $n := int .Values.metrics.ranksPerPod }}
+{{- if eq $n 0 }}{{ $n = max 1 (int .Values.workers.gpus) }}{{ end }}
+{{- $n }}
+{{- end }}
 
 {{/* Where the train config ConfigMap is mounted in the head pod. */}}
 {{- define "osfn-dist.trainConfigPath" -}}/etc/osfn/train.yaml{{- end }}
@@ -125,12 +133,19 @@ single-quoted; the schema forbids single quotes inside extraArgs, so quoting can
 {{- end }}
 {{- end }}
 
-{{/* Container ports shared by head and workers. Port names are at most 15 characters. */}}
+{{/*
+Metrics container ports of a Ray pod; argument: (list $ <ranks>). Port names are at most 15
+characters. "metrics" (8080) is Ray's own exporter, declared under the name KubeRay uses so that
+it does not add a second one.
+*/}}
 {{- define "osfn-dist.rayMetricsPorts" -}}
-{{- if .Values.metrics.enabled }}
-- name: osfn-metrics
-  containerPort: {{ include "osfn-dist.trainMetricsPort" . }}
+{{- $ := index . 0 }}
+{{- if $.Values.metrics.enabled }}
+{{- range $rank := until (int (index . 1)) }}
+- name: osfn-train-{{ $rank }}
+  containerPort: {{ add (int (include "osfn-dist.trainMetricsPort" $)) $rank }}
   protocol: TCP
+{{- end }}
 - name: metrics
   containerPort: 8080
   protocol: TCP
