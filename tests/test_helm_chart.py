@@ -576,3 +576,6 @@ def test_notes_tell_how_to_follow_the_job_and_reach_the_service():
     assert f"get rayjob {job['metadata']['name']}" in notes
     assert f"{service['metadata']['name']}.{NAMESPACE}.svc:50051" in notes
     assert "RAY_AUTH_MODE" in notes
+    assert "WARNING" not in notes
+    assert "no shared run storage" in render_notes({"workers": {"replicas": 2}})
+    assert "WARNING" not in render_notes(VALUE_SETS["gpu"])  # 2 pods with a shared volume
