@@ -73,7 +73,7 @@ def train(
         if step_sleep:
             time.sleep(step_sleep)
         if metrics is not None:
-            metrics.observe_step(float(loss), time.perf_counter() - start, xs.shape[0], opt.diagnostics)
+            metrics.observe_step(float(loss.detach()), time.perf_counter() - start, xs.shape[0], opt.diagnostics)
     return losses
 
 
