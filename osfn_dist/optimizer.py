@@ -13,6 +13,7 @@ from .dataflow.collect import build_report, flat_gradient, write_back
 from .dataflow.exchange import Exchange, InProcessExchange
 from .dataflow.messages import LIVE_HYPERPARAMETERS
 from .dataflow.service import CurvatureService
+from .dataflow.shard import REPLICATED, ShardedBasis
 
 WORKER_STATE_VERSION = 1
 
@@ -52,7 +53,8 @@ class OSFN(Optimizer):
     """
 
     def __init__(
-        self, params, lr: float = 1e-3, *, exchange: Exchange | None = None, gradient_sync=None, **hyper
+        self, params, lr: float = 1e-3, *, exchange: Exchange | None = None, gradient_sync=None,
+        shard_basis: bool = False, **hyper
     ):
         unknown = set(hyper) - set(OSFNConfig.field_names())
         if unknown:
@@ -69,6 +71,10 @@ class OSFN(Optimizer):
         # Data parallel without DDP: a dataflow.distributed.GradientSync averages gradients
         # itself and gathers each worker's local projection (for noise estimates).
         self.gradient_sync = gradient_sync
+        # shard_basis: each worker keeps only the rows of V for its parameter slice (dataflow.shard)
+        if shard_basis and gradient_sync is None:
+            raise ConfigError("shard_basis=True needs gradient_sync (a torch.distributed process group)")
+        self._layout = ShardedBasis(gradient_sync.group) if shard_basis else REPLICATED
         self._basis: torch.Tensor | None = None
         self._basis_version = 0
         self._residual_step_dot = 0.0
@@ -93,10 +99,11 @@ class OSFN(Optimizer):
 
     def _ensure_basis(self, params) -> torch.Tensor:
         total = sum(p.numel() for p in params)
+        rows = self._layout.bind(total)
         if self._basis is None:
             device = params[0].device if params else torch.device("cpu")
-            self._basis = torch.zeros(total, self.subspace_dim, device=device, dtype=self._basis_dtype(params))
-        elif self._basis.shape[0] != total:
+            self._basis = torch.zeros(rows, self.subspace_dim, device=device, dtype=self._basis_dtype(params))
+        elif self._basis.shape[0] != rows:
             raise DimensionMismatchError(
                 f"the optimizer's basis covers {self._basis.shape[0]} parameters but the model now "
                 f"has {total}; create a new OSFN after changing the model"
@@ -153,9 +160,12 @@ class OSFN(Optimizer):
             # Average before the finiteness check so every rank takes the same decision.
             basis = self._ensure_basis(params) if self.subspace_dim else None
             grad = flat_gradient(params, basis.dtype if basis is not None else torch.float32)
-            if basis is not None:
-                worker_coords = self.gradient_sync.gather_coords(basis.T @ grad)
-            self.gradient_sync.average(grad)
+            if basis is not None and self._layout.sharded:
+                worker_coords = self._layout.sync_gradient(grad, basis)  # also averages grad
+            else:
+                if basis is not None:
+                    worker_coords = self.gradient_sync.gather_coords(basis.T @ grad)
+                self.gradient_sync.average(grad)
             write_back(params, grad, has_grad)  # the complement acts on the averaged gradient
         grads = [p.grad for p, ok in zip(params, has_grad) if ok]
         if not all(bool(torch.isfinite(g).all()) for g in grads):
@@ -183,6 +193,7 @@ class OSFN(Optimizer):
         report, coords, residual = build_report(
             basis, grad, self._steps, self._basis_version, self._residual_step_dot, hyper, worker_coords,
             source=self._subspace_source(params, has_grad, basis.dtype), prev_step_coords=self._prev_step_coords,
+            layout=self._layout if self._layout.sharded else None,
         )
         # exchange
         update = self.exchange.exchange(report)
@@ -197,11 +208,12 @@ class OSFN(Optimizer):
                 disp_parts.append(torch.zeros(p.numel(), device=basis.device, dtype=basis.dtype))
         disp = torch.cat(disp_parts)
         delta, self._prev_step_coords, self._residual_step_dot = combine_steps(
-            basis, disp, residual, update.step_coef, update.complement_keep
+            basis, disp, residual, update.step_coef, update.complement_keep,
+            layout=self._layout if self._layout.sharded else None,
         )
         # a group with lr = 0 is frozen: neither its complement nor the shared subspace moves it
         scatter_add(params, delta, [ok and group["lr"] > 0 for ok, group in zip(has_grad, groups)])
-        self._basis = update_basis(basis, residual, update)
+        self._basis = update_basis(basis, residual, update, self._layout if self._layout.sharded else None)
         self._basis_version = update.new_version
         self._last = {
             **update.diagnostics,
@@ -248,6 +260,7 @@ class OSFN(Optimizer):
             "steps": self._steps,
             "skipped": self._skipped,
             "subspace_dim": self.subspace_dim,
+            "basis_layout": self._layout.describe(),
         }
         if self._owns_service:
             worker["service"] = self.exchange.state_dict()
@@ -265,6 +278,14 @@ class OSFN(Optimizer):
                 f"checkpoint has subspace_dim={worker['subspace_dim']}, this optimizer {self.subspace_dim}"
             )
         basis = worker["basis"]
+        saved_layout = worker.get("basis_layout", {"kind": "replicated"})
+        if basis is not None:
+            self._layout.bind(sum(p.numel() for p in self._params()))
+            if saved_layout != self._layout.describe():
+                raise DimensionMismatchError(
+                    f"checkpoint basis layout {saved_layout} does not match this optimizer's "
+                    f"{self._layout.describe()}; resume with the same number of workers and shard_basis setting"
+                )
         if basis is not None:
             device = self._params()[0].device
             basis = basis.clone().to(device)

@@ -32,12 +32,14 @@ def apply_basis_update(
     return basis
 
 
-def cholesky_qr2(basis: torch.Tensor, alive: torch.Tensor | None = None) -> torch.Tensor:
+def cholesky_qr2(basis: torch.Tensor, alive: torch.Tensor | None = None, allreduce=None) -> torch.Tensor:
     """Re-orthonormalise V (D, d) by CholeskyQR, twice for accuracy.
 
     Tall-skinny ``torch.linalg.qr`` is pathologically slow on GPUs (ENVIRONMENT.md); the
     Gram matrix route costs one D×d² product and a d×d Cholesky (done in float64).
-    Columns not ``alive`` (still empty) are left at zero.
+    Columns not ``alive`` (still empty) are left at zero. ``allreduce``: for a basis whose
+    rows are spread over workers, sums the Gram matrix across them (no local QR exists then;
+    a shifted Cholesky replaces the QR fallback).
     """
     d = basis.shape[1]
     if d == 0:
@@ -49,9 +51,18 @@ def cholesky_qr2(basis: torch.Tensor, alive: torch.Tensor | None = None) -> torc
     sub = basis.index_select(1, cols)
     for _ in range(2):
         gram = (sub.T @ sub).to(torch.float64)
+        if allreduce is not None:
+            gram = allreduce(gram)
         try:
             chol = torch.linalg.cholesky(gram)
         except RuntimeError:
+            if allreduce is not None:  # shifted CholeskyQR: the next pass restores orthonormality
+                shift = 1e-6 * float(gram.diagonal().sum()) / len(cols) + 1e-30
+                eye = torch.eye(len(cols), dtype=torch.float64, device=gram.device)
+                chol = torch.linalg.cholesky(gram + shift * eye)
+                inv = torch.linalg.solve_triangular(chol.T, eye, upper=True)
+                sub = sub @ inv.to(device=sub.device, dtype=basis.dtype)
+                continue
             # Nearly dependent columns: fall back to the slow but unconditionally stable QR.
             q, _ = torch.linalg.qr(sub.to(torch.float64))
             sub = q.to(basis.dtype)

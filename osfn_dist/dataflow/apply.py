@@ -19,27 +19,36 @@ def check_version(update: DirectionUpdate, basis_version: int) -> None:
 
 def combine_steps(
     basis: torch.Tensor, complement_disp: torch.Tensor, residual: torch.Tensor, step_coef: torch.Tensor,
-    complement_keep: float = 0.0,
+    complement_keep: float = 0.0, layout=None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Δθ = V (s + (1 − π) Vᵀp) − p: the complement displacement p with (a share 1 − π of)
     its subspace part replaced by the Newton step s.
 
     Returns (Δθ (D,), VᵀΔθ = s − π Vᵀp (d,), rᵀΔθ): the last two let the service follow the
-    position in subspace coordinates as the basis turns toward the residual r."""
+    position in subspace coordinates as the basis turns toward the residual r.
+    ``layout``: a sharded basis holds this worker's rows of V and r (dataflow.shard)."""
+    if layout is not None:
+        q = layout.project(basis, complement_disp)
+        s = step_coef.to(device=basis.device, dtype=basis.dtype)
+        delta = layout.expand(basis, s + (1.0 - complement_keep) * q) - complement_disp
+        return delta, s - complement_keep * q, layout.dot(residual, layout.rows(delta))
     q = project(basis, complement_disp)
     s = step_coef.to(device=basis.device, dtype=basis.dtype)
     delta = basis @ (s + (1.0 - complement_keep) * q) - complement_disp
     return delta, s - complement_keep * q, float(residual.double() @ delta.double())
 
 
-def update_basis(basis: torch.Tensor, residual: torch.Tensor, update: DirectionUpdate) -> torch.Tensor:
+def update_basis(basis: torch.Tensor, residual: torch.Tensor, update: DirectionUpdate, layout=None) -> torch.Tensor:
     dev = basis.device
     rotation = update.rotation.to(dev) if update.rotation is not None else None
     coef = update.residual_coef.to(dev) if update.residual_coef is not None else None
     basis = apply_basis_update(basis, residual, rotation, coef)
     if update.reorthonormalize:
-        alive = torch.linalg.vector_norm(basis, dim=0) > 0.5
-        basis = cholesky_qr2(basis, alive)
+        if layout is None:
+            alive = torch.linalg.vector_norm(basis, dim=0) > 0.5
+            basis = cholesky_qr2(basis, alive)
+        else:  # rows spread over workers: column norms and Gram matrix are all-reduced
+            basis = cholesky_qr2(basis, layout.column_norms(basis) > 0.5, allreduce=layout.allreduce)
     return basis
 
 

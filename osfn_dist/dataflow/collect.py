@@ -25,13 +25,18 @@ def build_report(
     worker_grad_coords: torch.Tensor | None = None,
     source: torch.Tensor | None = None,
     prev_step_coords: torch.Tensor | None = None,
+    layout=None,
 ) -> tuple[Report, torch.Tensor, torch.Tensor]:
     """Returns the report, y = Vᵀg and the residual r = u − V Vᵀu of the vector u the
     subspace turns toward (``source``; default the gradient). y and r stay on the worker's
-    device for the apply hop."""
-    coords = project(basis, grad)
-    src_coords = coords if source is None else project(basis, source)
+    device for the apply hop. ``layout`` (dataflow.shard): with a sharded basis, ``basis``
+    holds this worker's rows and r only those rows."""
+    proj = project if layout is None else layout.project
+    coords = proj(basis, grad)
+    src_coords = coords if source is None else proj(basis, source)
     src = grad if source is None else source
+    if layout is not None:
+        src = layout.rows(src)
     residual = src.to(basis.dtype) - basis @ src_coords
     report = Report(
         step=step,
@@ -40,7 +45,10 @@ def build_report(
         grad_sqnorm=float(grad.double().square().sum()) if grad.numel() else 0.0,
         source_coords=None if source is None else src_coords.detach().to("cpu", torch.float64),
         source_sqnorm=None if source is None else float(source.double().square().sum()),
-        residual_sqnorm=float(residual.double().square().sum()) if grad.numel() else 0.0,
+        residual_sqnorm=(
+            (float(residual.double().square().sum()) if layout is None else layout.dot(residual, residual))
+            if grad.numel() else 0.0
+        ),
         residual_step_dot=float(residual_step_dot),
         prev_step_coords=None if prev_step_coords is None else prev_step_coords.detach().to("cpu", torch.float64),
         worker_grad_coords=worker_grad_coords,

@@ -52,8 +52,8 @@ class PipelinedExchange:
         self._pool = None
         if not (hasattr(inner, "submit") and hasattr(inner, "result")):
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="osfn-pipeline")
-        self._in_flight = None  # (handle, report step)
-        self._ready: DirectionUpdate | None = None  # drained update, applied next step
+        self._in_flight = None  # (handle, report step, its residual_sqnorm)
+        self._ready: tuple | None = None  # (drained update, residual_sqnorm): applied next step
         self.stale_updates = 0
         self._announced = False
 
@@ -74,13 +74,14 @@ class PipelinedExchange:
         self._ready = None
         # Send first: the service processes reports in order, so this one queues behind the
         # previous report while we wait for (or already hold) the previous update.
-        self._in_flight = (self._submit(report), report.step)
+        self._in_flight = (self._submit(report), report.step, report.residual_sqnorm)
         if ready is not None:
-            previous = ready
+            previous, previous_sq = ready
         elif flight is not None:
-            previous = self._result(flight[0])
+            previous, previous_sq = self._result(flight[0]), flight[2]
         else:
             return self._warmup(report)
+        _rescale_residual(previous, previous_sq, report.residual_sqnorm)
         self.stale_updates += 1
         if not self._announced:
             log.info(
@@ -107,20 +108,24 @@ class PipelinedExchange:
     def drain(self) -> DirectionUpdate | None:
         """Wait for the update in flight; it is kept and applied at the next step."""
         if self._in_flight is not None:
-            handle, _ = self._in_flight
+            handle, _, residual_sq = self._in_flight
             self._in_flight = None
-            self._ready = self._result(handle)
-        return self._ready
+            self._ready = (self._result(handle), residual_sq)
+        return None if self._ready is None else self._ready[0]
 
     def state_dict(self) -> dict:
         pending = self.drain()
-        return {"pending_update": None if pending is None else pending.to_wire(), "stale_updates": self.stale_updates}
+        return {
+            "pending_update": None if pending is None else pending.to_wire(),
+            "pending_residual_sqnorm": None if pending is None else self._ready[1],
+            "stale_updates": self.stale_updates,
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         if self._in_flight is not None:
             raise RuntimeError("cannot load pipeline state while an exchange is in flight; drain() first")
         wire = sd.get("pending_update")
-        self._ready = None if wire is None else DirectionUpdate.from_wire(wire)
+        self._ready = None if wire is None else (DirectionUpdate.from_wire(wire), sd.get("pending_residual_sqnorm"))
         self.stale_updates = int(sd.get("stale_updates", 0))
 
     def close(self) -> None:
@@ -131,3 +136,16 @@ class PipelinedExchange:
         if name == "inner":
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+
+def _rescale_residual(update: DirectionUpdate, used_sq: float | None, current_sq: float | None) -> None:
+    """The service sized the residual coefficients c for the residual r of the report it
+    answered (‖r_t−1‖); the worker applies them to the residual of the current step r_t,
+    which is orthogonal to the basis it holds now. Rescale c by ‖r_t−1‖/‖r_t‖ so the basis
+    turns toward the current residual by the intended amount (a momentum source, still
+    warming up, changes its norm several-fold between steps)."""
+    if update.residual_coef is None or used_sq is None or current_sq is None:
+        return
+    if current_sq <= 1e-300 or used_sq <= 0:
+        return
+    update.residual_coef = update.residual_coef * (used_sq / current_sq) ** 0.5

@@ -9,6 +9,7 @@ Nothing here is D-sized and nothing here imports ray, grpc or prometheus_client.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 
@@ -170,6 +171,8 @@ class CurvatureService:
 
     def _exchange(self, report: Report) -> DirectionUpdate:
         y = self._validate(report)
+        if report.basis_version != self.version:  # an accepted one-step-stale report (allow_stale)
+            report = _carry_stale_report(report, self.last_transform)
         h = {**{k: getattr(self.config, k) for k in LIVE_HYPERPARAMETERS if hasattr(self.config, k)}, "step_scale": 1.0}
         h.update(report.hyper)
         d = self.dim
@@ -341,3 +344,14 @@ class CurvatureService:
                 "regression_residual": diag.get("regression_residual", float("nan")),
                 "noise_ratio": diag.get("noise_ratio", 0.0),
             }
+
+
+def _carry_stale_report(report: Report, transform: torch.Tensor) -> Report:
+    """Re-express the other subspace coordinates of a one-step-stale report in the current
+    basis, as ``_validate`` does for grad_coords (x' = T x; per-worker rows likewise)."""
+    changes = {}
+    if report.source_coords is not None:
+        changes["source_coords"] = transform @ torch.as_tensor(report.source_coords, dtype=DTYPE).flatten()
+    if report.worker_grad_coords is not None:
+        changes["worker_grad_coords"] = torch.as_tensor(report.worker_grad_coords, dtype=DTYPE) @ transform.T
+    return dataclasses.replace(report, **changes) if changes else report

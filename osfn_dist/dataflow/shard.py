@@ -1,0 +1,152 @@
+"""Where the basis V (D, d) lives: replicated on every worker, or sharded by rows (ZeRO-style).
+
+V is the optimizer's dominant memory (d·D floats; AdamW's state is 2·D). With
+``ShardedBasis`` each of N workers keeps only the rows of V for its contiguous slice of the
+flattened parameters, so V costs d·D/N per worker. Every D-sized product with V becomes a
+local product plus a d-sized all-reduce, and the one D-sized result that every worker needs
+(the step V c) is all-gathered::
+
+    Vᵀv      = Σ_r V_rᵀ v_r                  local (D/N)·d, all-reduce d floats
+    V c      = concat_r (V_r c)               local, all-gather D floats (the step Δθ)
+    rᵀa      = Σ_r r_rᵀ a_r                   all-reduce 1 float
+    VᵀV      = Σ_r V_rᵀ V_r                   all-reduce d² floats (re-orthonormalisation)
+    V A + r cᵀ                                row-local, no communication
+
+Gradients: instead of one all-reduce, an all-to-all gives each worker every worker's slice
+of its local gradient (the same bytes as a reduce-scatter), from which it forms both the
+averaged slice and every worker's exact local projection Vᵀg_r (for the per-direction noise
+estimate); an all-gather completes the averaged gradient for the complement optimizer.
+Together these move as many bytes as the replicated path's all-reduce.
+
+``ReplicatedBasis`` implements the same operations with no communication; with it the
+optimizer computes exactly what it computed before layouts existed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..core.errors import DimensionMismatchError
+from ..core.subspace import project
+from .distributed import _backend_device
+
+
+class ReplicatedBasis:
+    """Every worker holds all D rows of V (the default)."""
+
+    sharded = False
+
+    def bind(self, total: int) -> int:
+        """Rows of V this worker holds for a model with ``total`` parameters."""
+        return total
+
+    def rows(self, vec: torch.Tensor) -> torch.Tensor:
+        return vec
+
+    def project(self, basis: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        return project(basis, vec)
+
+    def expand(self, basis: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        return basis @ coef
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(a.double() @ b.double())
+
+    def column_norms(self, basis: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(basis, dim=0)
+
+    allreduce = None  # cholesky_qr2 works on the whole basis
+
+    def describe(self) -> dict:
+        return {"kind": "replicated"}
+
+
+REPLICATED = ReplicatedBasis()
+
+
+class ShardedBasis:
+    """This rank holds rows [lo, hi) of V; D is split into nearly equal contiguous slices."""
+
+    sharded = True
+
+    def __init__(self, group=None):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("a sharded basis needs an initialised torch.distributed process group")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.total: int | None = None
+        self.sizes: list[int] = []
+        self.lo = self.hi = 0
+
+    # ------------------------------------------------------------- layout
+    def bind(self, total: int) -> int:
+        if self.total is not None and total != self.total:
+            raise DimensionMismatchError(
+                f"the sharded basis covers {self.total} parameters but the model now has {total}; "
+                "create a new OSFN after changing the model"
+            )
+        base, extra = divmod(total, self.world)
+        self.sizes = [base + (1 if r < extra else 0) for r in range(self.world)]
+        self.lo = sum(self.sizes[: self.rank])
+        self.hi = self.lo + self.sizes[self.rank]
+        self.total = total
+        return self.sizes[self.rank]
+
+    def describe(self) -> dict:
+        return {"kind": "sharded", "rank": self.rank, "world": self.world, "lo": self.lo, "hi": self.hi,
+                "total": self.total}
+
+    def rows(self, vec: torch.Tensor) -> torch.Tensor:
+        return vec[self.lo : self.hi]
+
+    # -------------------------------------------------------- collectives
+    def _on_backend(self, t: torch.Tensor) -> torch.Tensor:
+        dev = _backend_device(self.group)
+        return t if t.device == dev else t.to(dev)
+
+    def allreduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over workers (returns a tensor on ``t``'s device)."""
+        buf = self._on_backend(t.contiguous())
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+        return buf if buf.device == t.device else buf.to(t.device)
+
+    def project(self, basis: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        """Vᵀv (d,) from this worker's rows and the full vector ``vec`` (D,)."""
+        return self.allreduce(project(basis, self.rows(vec)))
+
+    def dot(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> float:
+        return float(self.allreduce((a_rows.double() @ b_rows.double()).reshape(1)))
+
+    def column_norms(self, basis: torch.Tensor) -> torch.Tensor:
+        return self.allreduce((basis * basis).sum(0)).sqrt()
+
+    def _all_gather_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """Concatenate every worker's slice (uneven sizes padded for the collective)."""
+        width = max(self.sizes)
+        buf = self._on_backend(local)
+        if buf.shape[0] < width:
+            buf = torch.cat([buf, buf.new_zeros(width - buf.shape[0])])
+        out = [torch.empty_like(buf) for _ in range(self.world)]
+        dist.all_gather(out, buf.contiguous(), group=self.group)
+        full = torch.cat([o[:n] for o, n in zip(out, self.sizes)])
+        return full if full.device == local.device else full.to(local.device)
+
+    def expand(self, basis: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        """V c (D,) on every worker."""
+        return self._all_gather_rows(basis @ coef.to(basis.dtype))
+
+    def sync_gradient(self, grad: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        """Average the flat local gradient (D,) in place across workers and return every
+        worker's local projection Vᵀg_r as (N, d) float64 on the CPU, ordered by rank."""
+        mine = self.sizes[self.rank]
+        send = self._on_backend(grad.contiguous())
+        recv = send.new_empty(self.world * mine)
+        dist.all_to_all_single(recv, send, output_split_sizes=[mine] * self.world,
+                               input_split_sizes=self.sizes, group=self.group)
+        slices = recv.view(self.world, mine)  # row r: worker r's gradient on my slice
+        local_basis = self._on_backend(basis)
+        coords = self.allreduce(slices.to(basis.dtype) @ local_basis)  # (N, d)
+        mean = slices.sum(0).div_(self.world)
+        grad.copy_(self._all_gather_rows(mean.to(grad.device)))
+        return coords.detach().to("cpu", torch.float64)

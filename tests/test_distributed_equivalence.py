@@ -1,0 +1,199 @@
+"""Two data-parallel workers (torch.multiprocessing + gloo, no Ray) against one process.
+
+The math of the distributed data path — GradientSync (all-reduce + gathered local
+projections), LeaderExchange (rank 0 talks to the curvature service, broadcasts the
+update), the sharded basis and the pipelined exchange — checked step for step:
+
+- 2 workers on halves of a global batch == single-process OSFN on the whole batch
+  (1e-5 relative after 50 steps), for staleness 0 and for staleness 1 (pipelining is
+  deterministic: the update of step t is always the one computed from report t−1);
+- a basis sharded across the workers == the replicated basis (parameters and basis rows);
+- a sharded optimizer state round trip continues the same trajectory;
+- a failing leader exchange raises on every rank instead of leaving the others waiting.
+
+One spawn runs every phase (starting processes is the slow part on 2 cores).
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from osfn_dist import OSFN
+from osfn_dist.dataflow.exchange import InProcessExchange
+from osfn_dist.dataflow.pipeline import PipelinedExchange
+from osfn_dist.dataflow.service import CurvatureService
+from osfn_dist.workloads import get_workload
+
+STEPS = 50
+RESUME_AT = 25
+# Per-worker noise estimates are information a single process does not have; they only act
+# through noise damping, so the comparison turns it off.
+HYPER = dict(lr=3e-3, subspace_dim=4, noise_damping=False)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+def _flat(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _service_exchange(staleness: int):
+    from osfn_dist.core.config import OSFNConfig
+
+    inner = InProcessExchange(CurvatureService(OSFNConfig(**HYPER), allow_stale=staleness > 0))
+    return PipelinedExchange(inner) if staleness else inner
+
+
+def _single_process(staleness: int) -> torch.Tensor:
+    workload = get_workload("tiny_mlp", seed=0)
+    model = workload.build_model()
+    exchange = _service_exchange(staleness) if staleness else None
+    opt = OSFN(model.parameters(), exchange=exchange, **HYPER)
+    for _, x, y in workload.batches(STEPS, 0, workload.batch_size):
+        opt.zero_grad(set_to_none=True)
+        workload.loss_fn(model(x), y).backward()
+        opt.step()
+    return _flat(model)
+
+
+# ------------------------------------------------------------------ workers
+class _FailingExchange:
+    def exchange(self, report):
+        raise RuntimeError("simulated curvature service outage")
+
+
+def _run_phase(rank, world, staleness, shard, steps=STEPS, resume_at=None):
+    from osfn_dist.dataflow.distributed import GradientSync, LeaderExchange
+
+    workload = get_workload("tiny_mlp", seed=0)
+    model = workload.build_model()
+
+    def make_opt():
+        inner = _service_exchange(staleness) if rank == 0 else None
+        return OSFN(model.parameters(), exchange=LeaderExchange(inner), gradient_sync=GradientSync(),
+                    shard_basis=shard, **HYPER), inner
+
+    opt, inner = make_opt()
+    for step, x, y in workload.batches(steps, 0, workload.batch_size):
+        xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+        opt.zero_grad(set_to_none=True)
+        workload.loss_fn(model(xs), ys).backward()
+        opt.step()
+        if resume_at is not None and step == resume_at:
+            # checkpoint and restore every piece: parameters, optimizer (V rows), service
+            saved = {
+                "model": {k: v.clone() for k, v in model.state_dict().items()},
+                "opt": opt.state_dict(),
+                "service": inner.state_dict() if inner is not None else None,
+            }
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1.0)  # scramble: the restore must bring everything back
+            opt, inner = make_opt()
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["opt"])
+            if inner is not None:
+                inner.load_state_dict(saved["service"])
+    return _flat(model), opt.basis.clone(), opt.state_dict()["osfn"]["basis_layout"]
+
+
+def _worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+
+    from osfn_dist.core.errors import CurvatureServiceUnavailable
+    from osfn_dist.dataflow.distributed import LeaderExchange
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out = {}
+        for name, staleness, shard in (("replicated", 0, False), ("sharded", 0, True), ("pipelined", 1, False)):
+            out[name] = _run_phase(rank, world, staleness, shard)
+        out["sharded_resumed"] = _run_phase(rank, world, 0, True, resume_at=RESUME_AT)
+        # a leader whose exchange fails: every rank must raise, none may hang
+        leader = LeaderExchange(_FailingExchange() if rank == 0 else None)
+        from osfn_dist.dataflow.messages import Report
+
+        try:
+            leader.exchange(Report(step=1, basis_version=0, grad_coords=torch.zeros(4), grad_sqnorm=0.0))
+            out["failure"] = "no error"
+        except CurvatureServiceUnavailable as exc:
+            out["failure"] = f"CurvatureServiceUnavailable: {exc}"
+        except RuntimeError as exc:
+            out["failure"] = f"RuntimeError: {exc}"
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp("dist"))
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, out_dir)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def single():
+    torch.set_num_threads(1)
+    return {0: _single_process(0), 1: _single_process(1)}
+
+
+def test_two_workers_match_single_process_after_50_steps(two_workers, single):
+    params, _, _ = two_workers[0]["replicated"]
+    assert _rel(params, single[0]) < 1e-5
+    assert torch.equal(two_workers[0]["replicated"][0], two_workers[1]["replicated"][0])  # lock-step
+
+
+def test_pipelined_two_workers_match_single_process_pipelined(two_workers, single):
+    params, _, _ = two_workers[0]["pipelined"]
+    assert _rel(params, single[1]) < 1e-5
+    assert _rel(single[1], single[0]) > 1e-4  # staleness really changes the trajectory
+
+
+def test_sharded_basis_equals_replicated(two_workers):
+    rep_params, rep_basis, rep_layout = two_workers[0]["replicated"]
+    assert rep_layout == {"kind": "replicated"}
+    for rank in range(2):
+        params, rows, layout = two_workers[rank]["sharded"]
+        assert layout["kind"] == "sharded" and layout["world"] == 2
+        assert rows.shape[0] == layout["hi"] - layout["lo"] < rep_basis.shape[0]  # each holds a slice
+        assert _rel(params, rep_params) < 1e-5
+        torch.testing.assert_close(rows, rep_basis[layout["lo"] : layout["hi"]], rtol=1e-4, atol=1e-5)
+    sizes = [two_workers[r]["sharded"][1].shape[0] for r in range(2)]
+    assert sum(sizes) == rep_basis.shape[0]
+
+
+def test_sharded_state_round_trip_continues_the_trajectory(two_workers):
+    straight, _, _ = two_workers[0]["sharded"]
+    resumed, _, _ = two_workers[0]["sharded_resumed"]
+    assert torch.equal(resumed, straight)
+
+
+def test_failing_leader_exchange_raises_on_every_rank(two_workers):
+    assert two_workers[0]["failure"].startswith("RuntimeError: simulated")
+    assert two_workers[1]["failure"].startswith("CurvatureServiceUnavailable")
+    assert "simulated curvature service outage" in two_workers[1]["failure"]
