@@ -109,8 +109,12 @@ def scraped(tmp_path_factory):
         opt = OSFN(model.parameters(), lr=demo.LR, exchange=exchange, **demo.OPTIMIZER)
         run = threading.Thread(target=demo.train, args=(model, opt, demo.make_batches(STEPS)),
                                kwargs=dict(metrics=train_metrics, nan_step=NAN_STEP, step_sleep=0.08))
-        run.start()
         prom.wait_ready()
+        deadline = time.monotonic() + 30
+        while len(prom.query("up == 1")) < 2:  # both targets scraped before the run starts,
+            assert time.monotonic() < deadline, prom.query("up")  # so rates see it progress
+            time.sleep(0.2)
+        run.start()
         run.join(120)
         assert not run.is_alive()
         # wait until Prometheus has scraped the final values of both targets a few times
