@@ -39,6 +39,10 @@ class TooManyJobs(RuntimeError):
     pass
 
 
+class _Retired(Exception):
+    """The job was dropped (its first report failed) while this call waited for it."""
+
+
 def digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
@@ -63,11 +67,14 @@ class Job:
         self.last_digest = b""
         self.last_reply = b""
         self.saved: dict | None = None  # the job's state as of its last accepted exchange
+        self.retired = False  # dropped from the registry; callers holding it must look again
 
     def exchange(self, report: Report, request_digest: bytes, persist: bool) -> tuple[bytes, bool]:
         """Returns (encoded DirectionUpdate, whether it is a replay of the cached reply)."""
         key = (int(report.step), int(report.basis_version))
         with self.lock:
+            if self.retired:
+                raise _Retired()
             if key == self.last_key and request_digest == self.last_digest:
                 return self.last_reply, True
             before = self.service.state_dict()
@@ -161,14 +168,20 @@ class JobRegistry:
             return job
 
     def exchange(self, name: str, report: Report, request_digest: bytes) -> tuple[bytes, bool]:
-        job = self._get_or_create(name)
-        try:
-            reply, replay = job.exchange(report, request_digest, persist=self.state_file is not None)
-        except Exception:
-            with self._lock:  # a job whose first report failed does not count against max_jobs
-                if job.exchanges == 0 and job.service.step == 0 and self._jobs.get(name) is job:
-                    del self._jobs[name]
-            raise
+        while True:
+            job = self._get_or_create(name)
+            try:
+                reply, replay = job.exchange(report, request_digest, persist=self.state_file is not None)
+                break
+            except _Retired:
+                continue
+            except Exception:
+                # a job whose first report failed is dropped (it does not count against max_jobs)
+                with job.lock, self._lock:
+                    if job.exchanges == 0 and job.service.step == 0 and self._jobs.get(name) is job:
+                        del self._jobs[name]
+                        job.retired = True
+                raise
         if not replay and self.state_file and self.save_every:
             with self._save_lock:
                 self._unsaved += 1
