@@ -579,3 +579,21 @@ def test_notes_tell_how_to_follow_the_job_and_reach_the_service():
     assert "WARNING" not in notes
     assert "no shared run storage" in render_notes({"workers": {"replicas": 2}})
     assert "WARNING" not in render_notes(VALUE_SETS["gpu"])  # 2 pods with a shared volume
+
+
+def test_monitors_keep_our_job_and_worker_labels():
+    """Our series carry their own ``job``/``worker`` labels, which the dashboard filters on;
+    without honorLabels Prometheus renames them exported_job and the dashboard goes empty."""
+    objs = objects("monitoring-on")
+    monitors = of_kind(objs, "ServiceMonitor") + of_kind(objs, "PodMonitor")
+    assert monitors
+    for mon in monitors:
+        endpoints = mon["spec"].get("endpoints") or mon["spec"].get("podMetricsEndpoints")
+        assert endpoints and all(ep.get("honorLabels") is True for ep in endpoints), mon["metadata"]["name"]
+
+
+@pytest.mark.parametrize("config", ["prometheus.yml", "prometheus-kubernetes.yml"])
+def test_scrape_configs_keep_our_labels(config):
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / config).read_text())
+    ours = [j for j in cfg["scrape_configs"] if j["job_name"].startswith("osfn")]
+    assert ours and all(j.get("honor_labels") is True for j in ours)
