@@ -56,7 +56,7 @@ def train_ray(cfg: TrainConfig, show_progress: bool = True, *, fault: dict | Non
     """Train ``cfg.workload`` with ``cfg.num_workers`` Ray Train workers; returns the summary
     (also written to ``summary.json``). ``fault`` is a chaos hook for tests (see ray_worker)."""
     import ray
-    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ..actor.curvature_actor import DEFAULT_NAMESPACE, create_curvature_actor
@@ -91,13 +91,15 @@ def train_ray(cfg: TrainConfig, show_progress: bool = True, *, fault: dict | Non
                 "train": {**cfg.as_dict(), "backend": "ray"},
                 "steps": steps, "batch_size": batch, "run_name": run_name,
                 "runlog": runlog, "actor": actor, "fault": fault,
+                # Ray Train 2 dropped resume_from_checkpoint: a run's first attempt starts from
+                # this directory (it must be readable by the workers: same node or shared storage)
+                "resume_from": str(resume) if resume else None,
             },
             scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
             run_config=RunConfig(
                 name=run_name, storage_path=storage, failure_config=failure,
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             ),
-            resume_from_checkpoint=Checkpoint.from_directory(str(resume)) if resume else None,
         )
         bar = progress(steps, f"{workload.name} [{cfg.optimizer.get('name', 'osfn')} x{cfg.num_workers}]", show_progress)
         poller = Poller(runlog, run, bar).start()
@@ -156,6 +158,7 @@ def _summary(cfg, workload, steps, batch, run, run_name, wall, info, actor_snaps
         "actor_wait_ms_median": actor.get("wait_ms_median"),
         "actor": actor_snapshot,
         "stale_updates": final.get("stale_updates", 0),
+        "attempts": sum(1 for e in info["events"] if e.get("event") == "started"),
         "restarts": [e for e in info["events"] if e.get("event") == "restored"],
         "diagnostics": final.get("diagnostics", {}),
         "checkpoint": str(ckpt_path) if ckpt_path else None,

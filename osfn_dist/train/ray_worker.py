@@ -70,8 +70,10 @@ def _actor_call(actor, method: str, *args, timeout_s: float):
 
 class _Fault:
     """Chaos hook for tests and drills: kill this worker or the actor once at a given step
-    (``{"kind": "worker"|"actor", "step": k, "rank": r, "marker": path}``); the marker file
-    makes it fire only on the first attempt."""
+    (``{"kind": "worker"|"actor", "step": k, "rank": r, "marker": path, "delay_s": t}``); the
+    marker file makes it fire only on the first attempt. ``delay_s`` waits first: Ray Train's
+    controller collects reported checkpoints on its health-check poll, so a kill right after
+    a report can lose that checkpoint (the run then restarts from the one before)."""
 
     def __init__(self, spec: dict | None, rank: int):
         self.spec = spec if spec and spec.get("rank", 0) == rank else None
@@ -81,6 +83,7 @@ class _Fault:
         if s is None or step != s["step"] or os.path.exists(s["marker"]):
             return
         Path(s["marker"]).write_text(f"{s['kind']} killed at step {step}\n")
+        time.sleep(float(s.get("delay_s", 0.0)))
         if s["kind"] == "worker":
             os.kill(os.getpid(), signal.SIGKILL)
         elif s["kind"] == "actor":
@@ -150,7 +153,9 @@ def train_loop_per_worker(config: dict) -> None:
     metrics = _metrics_exporter(cfg, run_name, rank, local_rank)
 
     start = 0
-    ckpt = ray.train.get_checkpoint()
+    ckpt = ray.train.get_checkpoint()  # the latest of this run (after a failure) ...
+    if ckpt is None and config.get("resume_from"):  # ... else the one to resume from
+        ckpt = Checkpoint.from_directory(config["resume_from"])
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = load_state(d, rank, world, cfg.shard_basis)
@@ -168,6 +173,8 @@ def train_loop_per_worker(config: dict) -> None:
             })
     elif rank == 0 and is_osfn:
         _actor_call(actor, "reset", timeout_s=cfg.actor_timeout_s)
+    if rank == 0:
+        runlog.event.remote({"event": "started", "step": start, "from_checkpoint": ckpt is not None})
 
     train_seconds, local_samples, steps_done = 0.0, 0, 0
     eval_every = max(steps // 10, 1)
