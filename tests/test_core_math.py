@@ -133,3 +133,23 @@ def test_osfn_escapes_a_strict_saddle_that_attracts_exact_newton():
         saw_negative = max(saw_negative, opt.diagnostics["negative_curvature"])
     assert saw_negative >= 1  # the fitted model saw the negative-curvature direction
     assert abs(float(theta[1])) > 0.99 and abs(float(theta[0])) < 0.01  # and left along it to a minimum
+
+
+def test_service_rejects_overflowing_report_and_keeps_its_state():
+    from osfn_dist import CurvatureService, DimensionMismatchError, OSFNConfig
+    from osfn_dist.dataflow.messages import Report
+
+    svc = CurvatureService(OSFNConfig(subspace_dim=2))
+    for step in range(1, 6):
+        upd = svc.exchange(Report(step=step, basis_version=svc.version, grad_coords=torch.tensor([0.1, -0.2], dtype=D64),
+                                  grad_sqnorm=1.0, residual_sqnorm=0.9))
+    before = svc.state_dict()
+    with pytest.raises(DimensionMismatchError, match="overflowed"):
+        svc.exchange(Report(step=6, basis_version=upd.new_version, grad_coords=torch.tensor([1e200, 1e200], dtype=D64),
+                            grad_sqnorm=1e300, residual_sqnorm=1e300))
+    after = svc.state_dict()
+    assert after["scalars"] == before["scalars"]
+    for k, v in before["stats"].items():
+        assert torch.equal(after["stats"][k], v)
+    for k, v in before["tensors"].items():
+        assert torch.equal(after["tensors"][k], v)

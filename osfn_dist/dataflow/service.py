@@ -103,9 +103,32 @@ class CurvatureService:
 
     # -------------------------------------------------------------- exchange
     def exchange(self, report: Report) -> DirectionUpdate:
-        """One step of the curvature model: a worker's report in, the direction update out."""
+        """One step of the curvature model: a worker's report in, the direction update out.
+
+        All or nothing: a report that fails validation, or whose finite but huge values
+        overflow the statistics, raises and leaves the model exactly as it was."""
         with self._lock:
-            return self._exchange(report)
+            # d-sized: cloning everything costs microseconds
+            backup = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
+            backup["stats"] = RegressionStats.from_state_dict(self.stats.state_dict())
+            backup["last_diagnostics"] = dict(self.last_diagnostics)
+            try:
+                update = self._exchange(report)
+                if not self._finite(update):
+                    raise DimensionMismatchError(
+                        "report overflowed the curvature statistics (non-finite result); it was "
+                        "rejected and the model left unchanged. Check the gradient scale"
+                    )
+                return update
+            except Exception:
+                self.__dict__.update(backup)
+                raise
+
+    def _finite(self, update: DirectionUpdate) -> bool:
+        tensors = [update.step_coef, self.eigenvalues, self.position, self.momentum, self.noise_var,
+                   *self.stats.__dict__.values()]
+        tensors += [t for t in (update.rotation, update.residual_coef) if t is not None]
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
 
     def _validate(self, report: Report) -> torch.Tensor:
         d = self.dim
