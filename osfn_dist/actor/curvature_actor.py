@@ -38,10 +38,14 @@ def wire_size(wire: dict) -> int:
 
 
 def _was_reconstructed() -> bool:
+    import warnings
+
     try:
         import ray
 
-        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        with warnings.catch_warnings():  # it reads the actor table through a deprecated helper
+            warnings.simplefilter("ignore")
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
     except Exception:  # not inside a Ray actor (unit tests call the class directly)
         return False
 

@@ -39,7 +39,9 @@ def _connect(cfg: TrainConfig) -> bool:
         return False
     for k, v in env.items():  # the local raylet (and so the Train controller) inherits these
         os.environ.setdefault(k, v)
-    ray.init(num_cpus=max(cfg.num_workers, 1), include_dashboard=False, log_to_driver=True)
+    # The dashboard (when ray[default] is installed; next free port if 8265 is taken) serves
+    # the state API that Ray Train's placement-group cleaner polls.
+    ray.init(num_cpus=max(cfg.num_workers, 1), log_to_driver=True)
     return True
 
 
@@ -56,7 +58,7 @@ def train_ray(cfg: TrainConfig, show_progress: bool = True, *, fault: dict | Non
     """Train ``cfg.workload`` with ``cfg.num_workers`` Ray Train workers; returns the summary
     (also written to ``summary.json``). ``fault`` is a chaos hook for tests (see ray_worker)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ..actor.curvature_actor import DEFAULT_NAMESPACE, create_curvature_actor
@@ -99,6 +101,8 @@ def train_ray(cfg: TrainConfig, show_progress: bool = True, *, fault: dict | Non
             run_config=RunConfig(
                 name=run_name, storage_path=storage, failure_config=failure,
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                # Train's per-report INFO lines would tear through the progress bar
+                logging_config=LoggingConfig(log_level="WARNING"),
             ),
         )
         bar = progress(steps, f"{workload.name} [{cfg.optimizer.get('name', 'osfn')} x{cfg.num_workers}]", show_progress)
