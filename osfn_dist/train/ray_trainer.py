@@ -110,6 +110,9 @@ def train_ray(cfg: TrainConfig, show_progress: bool = True, *, fault: dict | Non
         t0 = time.perf_counter()
         try:
             result = trainer.fit()
+        except Exception:
+            _hint_resume(storage)
+            raise
         finally:
             poller.stop()
             if bar is not None:
@@ -175,3 +178,20 @@ def _summary(cfg, workload, steps, batch, run, run_name, wall, info, actor_snaps
 def _write_round_trips(path: Path, round_trips) -> None:
     if round_trips:
         (path / "actor_round_trips.txt").write_text("".join(f"{1e3 * t:.4f}\n" for t in round_trips))
+
+
+def _hint_resume(storage: str) -> None:
+    import sys
+
+    from .ray_checkpoint import find_checkpoint
+
+    try:
+        latest = find_checkpoint(storage)
+    except Exception:
+        return
+    print(
+        f"osfn-dist train: the run failed; its latest checkpoint is {latest}. Resume with\n"
+        f"  osfn-dist train ... --resume-from {latest}\n"
+        "or let Ray Train restart it automatically with --max-failures N.",
+        file=sys.stderr,
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -177,6 +178,7 @@ def train_loop_per_worker(config: dict) -> None:
         runlog.event.remote({"event": "started", "step": start, "from_checkpoint": ckpt is not None})
 
     train_seconds, local_samples, steps_done = 0.0, 0, 0
+    step_times: list[float] = []
     eval_every = max(steps // 10, 1)
     records: list[dict] = []
     last_loss = float("nan")
@@ -193,6 +195,7 @@ def train_loop_per_worker(config: dict) -> None:
         opt.step()
         dt = time.perf_counter() - ts
         train_seconds += dt
+        step_times.append(dt)
         local_samples += xs.shape[0]
         steps_done += 1
         last_loss = float(loss.detach())
@@ -235,6 +238,7 @@ def train_loop_per_worker(config: dict) -> None:
         "train_seconds": train_seconds,
         "samples_per_second": local_samples / train_seconds if train_seconds else float("nan"),
         "step_ms_mean": 1e3 * train_seconds / steps_done if steps_done else float("nan"),
+        "step_ms_median": 1e3 * statistics.median(step_times) if step_times else float("nan"),
         "optimizer_state_bytes": _optimizer_bytes(opt),
     }
     ray.get(runlog.worker_done.remote(rank, stats), timeout=60)
