@@ -190,10 +190,13 @@ class OSFN(Optimizer):
         basis = self._ensure_basis(params)
         if self.gradient_sync is None:
             grad = flat_gradient(params, basis.dtype)
+        source = self._subspace_source(params, has_grad, basis.dtype)
+        # exact residual norms matter only while directions are being filled
+        exact = self._last.get("alive_directions", 0) < self.subspace_dim
         report, coords, residual = build_report(
             basis, grad, self._steps, self._basis_version, self._residual_step_dot, hyper, worker_coords,
-            source=self._subspace_source(params, has_grad, basis.dtype), prev_step_coords=self._prev_step_coords,
-            layout=self._layout if self._layout.sharded else None,
+            source=source, prev_step_coords=self._prev_step_coords,
+            layout=self._layout if self._layout.sharded else None, exact_residual=exact,
         )
         # exchange
         update = self.exchange.exchange(report)
@@ -207,9 +210,11 @@ class OSFN(Optimizer):
             else:
                 disp_parts.append(torch.zeros(p.numel(), device=basis.device, dtype=basis.dtype))
         disp = torch.cat(disp_parts)
-        delta, self._prev_step_coords, self._residual_step_dot = combine_steps(
+        delta, self._prev_step_coords, self._residual_step_dot, residual = combine_steps(
             basis, disp, residual, update.step_coef, update.complement_keep,
             layout=self._layout if self._layout.sharded else None,
+            source=grad if source is None else source,
+            source_coords=coords if report.source_coords is None else report.source_coords.to(basis.device, basis.dtype),
         )
         # a group with lr = 0 is frozen: neither its complement nor the shared subspace moves it
         scatter_add(params, delta, [ok and group["lr"] > 0 for ok, group in zip(has_grad, groups)])

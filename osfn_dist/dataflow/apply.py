@@ -18,24 +18,33 @@ def check_version(update: DirectionUpdate, basis_version: int) -> None:
 
 
 def combine_steps(
-    basis: torch.Tensor, complement_disp: torch.Tensor, residual: torch.Tensor, step_coef: torch.Tensor,
-    complement_keep: float = 0.0, layout=None,
-) -> tuple[torch.Tensor, torch.Tensor, float]:
+    basis: torch.Tensor, complement_disp: torch.Tensor, residual: torch.Tensor | None, step_coef: torch.Tensor,
+    complement_keep: float = 0.0, layout=None, source: torch.Tensor | None = None,
+    source_coords: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
     """Δθ = V (s + (1 − π) Vᵀp) − p: the complement displacement p with (a share 1 − π of)
     its subspace part replaced by the Newton step s.
 
     Returns (Δθ (D,), VᵀΔθ = s − π Vᵀp (d,), rᵀΔθ): the last two let the service follow the
-    position in subspace coordinates as the basis turns toward the residual r.
-    ``layout``: a sharded basis holds this worker's rows of V and r (dataflow.shard)."""
+    position in subspace coordinates as the basis turns toward the residual r — and r itself.
+    ``residual`` None: r = u − V a is formed here from ``source`` u and ``source_coords`` a in
+    the same pass over V as the step. ``layout``: a sharded basis holds this worker's rows
+    of V and r (dataflow.shard)."""
     if layout is not None:
         q = layout.project(basis, complement_disp)
         s = step_coef.to(device=basis.device, dtype=basis.dtype)
         delta = layout.expand(basis, s + (1.0 - complement_keep) * q) - complement_disp
-        return delta, s - complement_keep * q, layout.dot(residual, layout.rows(delta))
+        return delta, s - complement_keep * q, layout.dot(residual, layout.rows(delta)), residual
     q = project(basis, complement_disp)
     s = step_coef.to(device=basis.device, dtype=basis.dtype)
-    delta = basis @ (s + (1.0 - complement_keep) * q) - complement_disp
-    return delta, s - complement_keep * q, float(residual.double() @ delta.double())
+    coef = s + (1.0 - complement_keep) * q
+    if residual is None:
+        both = basis @ torch.stack([coef, source_coords.to(basis.dtype)], dim=1)
+        delta = both[:, 0] - complement_disp
+        residual = source.to(basis.dtype) - both[:, 1]
+    else:
+        delta = basis @ coef - complement_disp
+    return delta, s - complement_keep * q, float(torch.dot(residual, delta)), residual
 
 
 def update_basis(basis: torch.Tensor, residual: torch.Tensor, update: DirectionUpdate, layout=None) -> torch.Tensor:

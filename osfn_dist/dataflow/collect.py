@@ -26,28 +26,43 @@ def build_report(
     source: torch.Tensor | None = None,
     prev_step_coords: torch.Tensor | None = None,
     layout=None,
-) -> tuple[Report, torch.Tensor, torch.Tensor]:
+    exact_residual: bool = True,
+) -> tuple[Report, torch.Tensor, torch.Tensor | None]:
     """Returns the report, y = Vᵀg and the residual r = u − V Vᵀu of the vector u the
     subspace turns toward (``source``; default the gradient). y and r stay on the worker's
     device for the apply hop. ``layout`` (dataflow.shard): with a sharded basis, ``basis``
-    holds this worker's rows and r only those rows."""
-    proj = project if layout is None else layout.project
-    coords = proj(basis, grad)
-    src_coords = coords if source is None else proj(basis, source)
-    src = grad if source is None else source
-    if layout is not None:
-        src = layout.rows(src)
-    residual = src.to(basis.dtype) - basis @ src_coords
+    holds this worker's rows and r only those rows. ``exact_residual=False`` (replicated
+    basis only) skips forming r here: r is None and its norm is left to the service, which is
+    accurate unless the subspace holds nearly all of u — the optimizer asks for the exact
+    norm while directions are still being filled."""
+    if layout is None and not exact_residual:
+        # one pass over V for both projections; the residual is formed after the exchange,
+        # fused with the step (apply.combine_steps), and its norm derived as ‖u‖² − ‖Vᵀu‖²
+        if source is None:
+            coords = project(basis, grad)
+            src_coords = coords
+        else:
+            both = basis.T @ torch.stack([grad.to(basis.dtype), source.to(basis.dtype)], dim=1)
+            coords, src_coords = both[:, 0], both[:, 1]
+        residual = None
+    else:
+        proj = project if layout is None else layout.project
+        coords = proj(basis, grad)
+        src_coords = coords if source is None else proj(basis, source)
+        src = grad if source is None else source
+        if layout is not None:
+            src = layout.rows(src)
+        residual = src.to(basis.dtype) - basis @ src_coords
     report = Report(
         step=step,
         basis_version=basis_version,
         grad_coords=coords.detach().to("cpu", torch.float64),
-        grad_sqnorm=float(grad.double().square().sum()) if grad.numel() else 0.0,
+        grad_sqnorm=_sqnorm(grad),
         source_coords=None if source is None else src_coords.detach().to("cpu", torch.float64),
-        source_sqnorm=None if source is None else float(source.double().square().sum()),
+        source_sqnorm=None if source is None else _sqnorm(source),
         residual_sqnorm=(
-            (float(residual.double().square().sum()) if layout is None else layout.dot(residual, residual))
-            if grad.numel() else 0.0
+            None if residual is None
+            else (_sqnorm(residual) if layout is None else layout.dot(residual, residual))
         ),
         residual_step_dot=float(residual_step_dot),
         prev_step_coords=None if prev_step_coords is None else prev_step_coords.detach().to("cpu", torch.float64),
@@ -55,6 +70,10 @@ def build_report(
         hyper=dict(hyper),
     )
     return report, coords, residual
+
+
+def _sqnorm(vec: torch.Tensor) -> float:
+    return float(torch.dot(vec.reshape(-1), vec.reshape(-1))) if vec.numel() else 0.0
 
 
 def write_back(params: list[torch.Tensor], grad: torch.Tensor, has_grad: list[bool]) -> None:
