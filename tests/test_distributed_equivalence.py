@@ -103,6 +103,19 @@ def _run_phase(rank, world, staleness, shard, steps=STEPS, resume_at=None):
     return _flat(model), opt.basis.clone(), opt.state_dict()["osfn"]["basis_layout"]
 
 
+def _tsqr_phase():
+    from osfn_dist.core.subspace import cholesky_qr2
+    from osfn_dist.dataflow.shard import ShardedBasis
+
+    shard = ShardedBasis()
+    shard.bind(37)
+    a = torch.randn(37, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    dependent = a.clone()
+    dependent[:, 4] = dependent[:, 0] + dependent[:, 1]  # CholeskyQR fails: the TSQR fallback runs
+    rows = cholesky_qr2(shard.rows(dependent).clone(), allreduce=shard.allreduce, qr=shard.tsqr)
+    return {"lo": shard.lo, "hi": shard.hi, "q_rows": shard.tsqr(shard.rows(a)), "a": a, "fallback_rows": rows}
+
+
 def _worker(rank, world, port, out_dir):
     import torch.distributed as dist
 
@@ -117,6 +130,7 @@ def _worker(rank, world, port, out_dir):
         for name, staleness, shard in (("replicated", 0, False), ("sharded", 0, True), ("pipelined", 1, False)):
             out[name] = _run_phase(rank, world, staleness, shard)
         out["sharded_resumed"] = _run_phase(rank, world, 0, True, resume_at=RESUME_AT)
+        out["tsqr"] = _tsqr_phase()
         # a leader whose exchange fails: every rank must raise, none may hang
         leader = LeaderExchange(_FailingExchange() if rank == 0 else None)
         from osfn_dist.dataflow.messages import Report
@@ -197,3 +211,15 @@ def test_failing_leader_exchange_raises_on_every_rank(two_workers):
     assert two_workers[0]["failure"].startswith("RuntimeError: simulated")
     assert two_workers[1]["failure"].startswith("CurvatureServiceUnavailable")
     assert "simulated curvature service outage" in two_workers[1]["failure"]
+
+
+def test_tsqr_across_workers_equals_qr_and_rescues_dependent_columns(two_workers):
+    parts = [two_workers[r]["tsqr"] for r in range(2)]
+    a = parts[0]["a"]
+    q_ref, r_ref = torch.linalg.qr(a)
+    q_ref = q_ref * torch.sign(torch.diagonal(r_ref))  # orientation of CholeskyQR
+    q = torch.cat([p["q_rows"] for p in parts])
+    assert [(p["lo"], p["hi"]) for p in parts] == [(0, 19), (19, 37)]
+    torch.testing.assert_close(q, q_ref, rtol=0, atol=1e-10)
+    fallback = torch.cat([p["fallback_rows"] for p in parts])
+    torch.testing.assert_close(fallback.T @ fallback, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-10)

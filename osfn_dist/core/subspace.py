@@ -32,14 +32,14 @@ def apply_basis_update(
     return basis
 
 
-def cholesky_qr2(basis: torch.Tensor, alive: torch.Tensor | None = None, allreduce=None) -> torch.Tensor:
+def cholesky_qr2(basis: torch.Tensor, alive: torch.Tensor | None = None, allreduce=None, qr=None) -> torch.Tensor:
     """Re-orthonormalise V (D, d) by CholeskyQR, twice for accuracy.
 
     Tall-skinny ``torch.linalg.qr`` is pathologically slow on GPUs (ENVIRONMENT.md); the
     Gram matrix route costs one D×d² product and a d×d Cholesky (done in float64).
-    Columns not ``alive`` (still empty) are left at zero. ``allreduce``: for a basis whose
-    rows are spread over workers, sums the Gram matrix across them (no local QR exists then;
-    a shifted Cholesky replaces the QR fallback).
+    Columns not ``alive`` (still empty) are left at zero. For a basis whose rows are spread
+    over workers, ``allreduce`` sums the Gram matrix across them and ``qr`` is the
+    distributed QR fallback (TSQR, see dataflow.shard).
     """
     d = basis.shape[1]
     if d == 0:
@@ -56,15 +56,8 @@ def cholesky_qr2(basis: torch.Tensor, alive: torch.Tensor | None = None, allredu
         try:
             chol = torch.linalg.cholesky(gram)
         except RuntimeError:
-            if allreduce is not None:  # shifted CholeskyQR: the next pass restores orthonormality
-                shift = 1e-6 * float(gram.diagonal().sum()) / len(cols) + 1e-30
-                eye = torch.eye(len(cols), dtype=torch.float64, device=gram.device)
-                chol = torch.linalg.cholesky(gram + shift * eye)
-                inv = torch.linalg.solve_triangular(chol.T, eye, upper=True)
-                sub = sub @ inv.to(device=sub.device, dtype=basis.dtype)
-                continue
             # Nearly dependent columns: fall back to the slow but unconditionally stable QR.
-            q, _ = torch.linalg.qr(sub.to(torch.float64))
+            q = torch.linalg.qr(sub.to(torch.float64))[0] if qr is None else qr(sub.to(torch.float64))
             sub = q.to(basis.dtype)
             break
         inv = torch.linalg.solve_triangular(chol.T, torch.eye(len(cols), dtype=torch.float64), upper=True)

@@ -57,7 +57,7 @@ def update_basis(basis: torch.Tensor, residual: torch.Tensor, update: DirectionU
             alive = torch.linalg.vector_norm(basis, dim=0) > 0.5
             basis = cholesky_qr2(basis, alive)
         else:  # rows spread over workers: column norms and Gram matrix are all-reduced
-            basis = cholesky_qr2(basis, layout.column_norms(basis) > 0.5, allreduce=layout.allreduce)
+            basis = cholesky_qr2(basis, layout.column_norms(basis) > 0.5, allreduce=layout.allreduce, qr=layout.tsqr)
     return basis
 
 

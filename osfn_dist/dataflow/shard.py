@@ -56,6 +56,7 @@ class ReplicatedBasis:
         return torch.linalg.vector_norm(basis, dim=0)
 
     allreduce = None  # cholesky_qr2 works on the whole basis
+    tsqr = None
 
     def describe(self) -> dict:
         return {"kind": "replicated"}
@@ -131,6 +132,24 @@ class ShardedBasis:
         dist.all_gather(out, buf.contiguous(), group=self.group)
         full = torch.cat([o[:n] for o, n in zip(out, self.sizes)])
         return full if full.device == local.device else full.to(local.device)
+
+    def tsqr(self, sub: torch.Tensor) -> torch.Tensor:
+        """Rows of Q for this worker, from a QR of the row-sharded matrix ``sub`` (rows, k):
+        local QR, all-gather the k×k R factors, QR of their stack (TSQR). R's diagonal is made
+        non-negative, so columns keep their orientation as in CholeskyQR. The fallback of
+        ``cholesky_qr2`` for nearly dependent columns (communication: k² floats per worker)."""
+        rows, k = sub.shape
+        q_local, r_local = torch.linalg.qr(sub)  # reduced: (rows, m), (m, k), m = min(rows, k)
+        if r_local.shape[0] < k:  # fewer rows than columns on this worker
+            r_local = torch.cat([r_local, r_local.new_zeros(k - r_local.shape[0], k)])
+            q_local = torch.cat([q_local, q_local.new_zeros(rows, k - q_local.shape[1])], dim=1)
+        buf = self._on_backend(r_local.contiguous())
+        gathered = [torch.empty_like(buf) for _ in range(self.world)]
+        dist.all_gather(gathered, buf, group=self.group)
+        q_stack, r = torch.linalg.qr(torch.cat(gathered).to(sub.device))
+        signs = torch.sign(torch.diagonal(r))
+        signs[signs == 0] = 1
+        return q_local @ (q_stack[self.rank * k : (self.rank + 1) * k] * signs)
 
     def expand(self, basis: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
         """V c (D,) on every worker."""

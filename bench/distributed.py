@@ -1,0 +1,198 @@
+"""Distributed benchmark: OSFN on Ray Train (2 workers) against DDP + AdamW.
+
+    python bench/distributed.py                      # D ≈ 1M and ≈ 10M, CPU, 2 workers
+    python bench/distributed.py --sizes 1m --steps 60 --out bench-results/distributed.md
+
+For each model size it runs ``osfn-dist train`` on Ray Train (the real path: TorchTrainer,
+gloo all-reduce, the curvature actor) with
+
+- ``adamw``       DDP + torch AdamW (the baseline),
+- ``osfn``        OSFN, staleness 0 (exact),
+- ``osfn s=1``    OSFN, one-step-stale pipelining (actor round trip behind the next fwd/bwd),
+- ``osfn shard``  OSFN with the basis sharded across the workers,
+
+and reports the median training-step time per worker (start-up, checkpoints and evaluation
+excluded), the throughput ratio to DDP + AdamW, the actor round trip (median, p99), the
+bytes per step to and from the actor, and the optimizer state held per worker.
+
+Models: synthetic classification MLPs 64 → h → h → h → 10 (h = 690: D ≈ 1.0M; h = 2200:
+D ≈ 9.8M), global batch 64, so the numbers measure the optimizer and the data path, not a
+data loader. Run from the repository root (workers import this file as ``bench.distributed``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python bench/distributed.py` puts bench/ first, not the repo
+    sys.path.insert(0, str(ROOT))
+
+from osfn_dist.workloads import Workload  # noqa: E402
+
+WIDTHS = {"1m": 690, "10m": 2200}
+
+
+def _mlp_workload(width: int, seed: int) -> Workload:
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(4096, 64, generator=gen)
+    teacher = torch.randn(64, 10, generator=gen)
+    y = (x @ teacher).argmax(1)
+
+    def build():
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                             nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+
+    return Workload(f"mlp_{width}", build, (x[:3584], y[:3584]), (x[3584:], y[3584:]), F.cross_entropy,
+                    batch_size=64, default_steps=40, description=f"synthetic MLP 64-{width}x3-10")
+
+
+def mlp_1m(seed: int = 0) -> Workload:
+    return _mlp_workload(WIDTHS["1m"], seed)
+
+
+def mlp_10m(seed: int = 0) -> Workload:
+    return _mlp_workload(WIDTHS["10m"], seed)
+
+
+VARIANTS = {
+    "adamw (DDP)": ({"name": "adamw", "lr": 1e-3}, {}),
+    "osfn": ({"name": "osfn", "lr": 1e-3}, {}),
+    "osfn s=1": ({"name": "osfn", "lr": 1e-3}, {"staleness": 1}),
+    "osfn shard": ({"name": "osfn", "lr": 1e-3}, {"shard_basis": True}),
+}
+
+
+def _params(size: str) -> int:
+    w = WIDTHS[size]
+    return 64 * w + w + 2 * (w * w + w) + 10 * w + 10
+
+
+def run_one(size: str, variant: str, steps: int, out_dir: Path, workers: int) -> dict:
+    from osfn_dist.train.config import TrainConfig
+    from osfn_dist.train.ray_trainer import train_ray
+
+    opt, extra = VARIANTS[variant]
+    run_dir = out_dir / f"{size}-{variant.replace(' ', '_').replace('(', '').replace(')', '').replace('=', '')}"
+    cfg = TrainConfig(workload=f"bench.distributed:mlp_{size}", steps=steps, run_dir=str(run_dir), backend="ray",
+                      num_workers=workers, checkpoint_every=10**9, keep_checkpoints=1, log_every=10,
+                      optimizer=dict(opt), **extra)
+    t0 = time.perf_counter()
+    summary = train_ray(cfg, show_progress=False)
+    summary["bench_wall_s"] = time.perf_counter() - t0
+    return summary
+
+
+def optimizer_step_ms(size: str, name: str, repeats: int = 8) -> float:
+    """opt.step() alone in one process on one thread: the optimizer's own D-sized cost."""
+    import statistics
+
+    from osfn_dist.train.optimizers import build_optimizer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        workload = mlp_1m() if size == "1m" else mlp_10m()
+        model = workload.build_model()
+        opt = build_optimizer(model.parameters(), dict(VARIANTS["osfn" if name == "osfn" else "adamw (DDP)"][0]))
+        x, y = workload.train
+        times = []
+        for i in range(repeats + 3):
+            opt.zero_grad(set_to_none=True)
+            workload.loss_fn(model(x[:32]), y[:32]).backward()
+            t0 = time.perf_counter()
+            opt.step()
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+        return 1e3 * statistics.median(times)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _mib(x) -> str:
+    return f"{x / 2**20:.1f}"
+
+
+def table(results: dict, steps: int, workers: int, alone: dict) -> str:
+    lines = [
+        f"Ray Train, {workers} CPU workers (gloo), global batch 64, {steps} steps per run. Step = median "
+        "per-worker training step (forward, backward, gradient all-reduce, optimizer, actor exchange); "
+        "`opt.step() alone` = the optimizer by itself in one process on one thread (no communication). "
+        "Actor RTT = submit to reply; actor wait = time a worker is blocked on it (pipelining hides the "
+        "round trip behind the next forward/backward). Bytes = pickled Report + DirectionUpdate per step.",
+        "",
+        "| D | optimizer | step ms | throughput vs DDP+AdamW | opt.step() alone ms | actor RTT median / p99 ms "
+        "| actor wait median ms | actor bytes/step (to + from) | optimizer state per worker MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for size, runs in results.items():
+        base = runs.get("adamw (DDP)")
+        base_ms = max(w["step_ms_median"] for w in base["worker_throughput"]) if base else None
+        for variant, s in runs.items():
+            ms = max(w["step_ms_median"] for w in s["worker_throughput"])
+            ratio = f"{base_ms / ms:.2f}x" if base_ms else "-"
+            if s["optimizer"] == "osfn":
+                rtt = f"{s['actor_round_trip_ms_median']:.2f} / {s['actor_round_trip_ms_p99']:.2f}"
+                wait = f"{s['actor_wait_ms_median']:.2f}"
+                traffic = (f"{s['actor_bytes_per_step']:.0f} ({s['actor_bytes_sent_per_step']:.0f} + "
+                           f"{s['actor_bytes_received_per_step']:.0f})")
+            else:
+                rtt, wait, traffic = "-", "-", "0 (no actor)"
+            mem = " / ".join(_mib(w["optimizer_state_bytes"]) for w in s["worker_throughput"])
+            step_alone = alone.get((size, s["optimizer"]))
+            step_alone = f"{step_alone:.1f}" if step_alone is not None else "-"
+            lines.append(f"| {_params(size) / 1e6:.2f}M | {variant} | {ms:.1f} | {ratio} | {step_alone} | {rtt} | {wait} "
+                         f"| {traffic} | {mem} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", nargs="+", default=["1m", "10m"], choices=sorted(WIDTHS))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "bench-results" / "distributed.md"))
+    p.add_argument("--run-dir", default=str(ROOT / "bench-out" / "distributed"))
+    args = p.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.chdir(ROOT)  # Ray puts the driver's directory on the workers' path: bench.distributed imports
+
+    import ray
+
+    ray.init(num_cpus=args.workers, log_to_driver=False)
+    results: dict = {}
+    try:
+        for size in args.sizes:
+            results[size] = {}
+            for variant in args.variants:
+                print(f"[bench] D={size} {variant} ...", flush=True)
+                results[size][variant] = run_one(size, variant, args.steps, Path(args.run_dir), args.workers)
+    finally:
+        ray.shutdown()
+    alone = {(size, name): optimizer_step_ms(size, name) for size in args.sizes for name in ("osfn", "adamw")}
+    body = table(results, args.steps, args.workers, alone)
+    header = (
+        "# Distributed benchmark: OSFN on Ray Train vs DDP + AdamW\n\n"
+        f"Command: `python bench/distributed.py --steps {args.steps} --sizes {' '.join(args.sizes)}`  \n"
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}, "
+        f"ray {ray.__version__}, {time.strftime('%Y-%m-%d')}.\n\n"
+    )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(header + body + "\n")
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
