@@ -57,10 +57,19 @@ def cholesky_qr2(basis: torch.Tensor, alive: torch.Tensor | None = None, allredu
             chol = torch.linalg.cholesky(gram)
         except RuntimeError:
             # Nearly dependent columns: fall back to the slow but unconditionally stable QR.
-            q = torch.linalg.qr(sub.to(torch.float64))[0] if qr is None else qr(sub.to(torch.float64))
+            q = _qr_keep_orientation(sub.to(torch.float64)) if qr is None else qr(sub.to(torch.float64))
             sub = q.to(basis.dtype)
             break
         inv = torch.linalg.solve_triangular(chol.T, torch.eye(len(cols), dtype=torch.float64), upper=True)
         sub = sub @ inv.to(device=sub.device, dtype=basis.dtype)
     basis.index_copy_(1, cols, sub)
     return basis
+
+
+def _qr_keep_orientation(m: torch.Tensor) -> torch.Tensor:
+    """Q of m = QR with R's diagonal made non-negative: as CholeskyQR, no column flips its
+    sign (Householder QR may), so the curvature service's coordinates keep their meaning."""
+    q, r = torch.linalg.qr(m)
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1
+    return q * signs
