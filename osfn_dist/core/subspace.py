@@ -28,7 +28,8 @@ def apply_basis_update(
     if rotation is not None:
         basis = basis @ rotation.to(basis.dtype)
     if residual_coef is not None:
-        basis.addr_(residual, residual_coef.to(basis.dtype))
+        # rank-1 update as a (D,1)×(1,d) GEMM: CPU BLAS does this ~10× faster than addr_
+        basis.addmm_(residual.unsqueeze(1), residual_coef.to(basis.dtype).unsqueeze(0))
     return basis
 
 

@@ -38,12 +38,9 @@ def combine_steps(
     q = project(basis, complement_disp)
     s = step_coef.to(device=basis.device, dtype=basis.dtype)
     coef = s + (1.0 - complement_keep) * q
+    delta = basis @ coef - complement_disp
     if residual is None:
-        both = basis @ torch.stack([coef, source_coords.to(basis.dtype)], dim=1)
-        delta = both[:, 0] - complement_disp
-        residual = source.to(basis.dtype) - both[:, 1]
-    else:
-        delta = basis @ coef - complement_disp
+        residual = source.to(basis.dtype) - basis @ source_coords.to(basis.dtype)
     return delta, s - complement_keep * q, float(torch.dot(residual, delta)), residual
 
 

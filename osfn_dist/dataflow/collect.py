@@ -36,14 +36,11 @@ def build_report(
     accurate unless the subspace holds nearly all of u — the optimizer asks for the exact
     norm while directions are still being filled."""
     if layout is None and not exact_residual:
-        # one pass over V for both projections; the residual is formed after the exchange,
-        # fused with the step (apply.combine_steps), and its norm derived as ‖u‖² − ‖Vᵀu‖²
-        if source is None:
-            coords = project(basis, grad)
-            src_coords = coords
-        else:
-            both = basis.T @ torch.stack([grad.to(basis.dtype), source.to(basis.dtype)], dim=1)
-            coords, src_coords = both[:, 0], both[:, 1]
+        # the residual is formed after the exchange (apply.combine_steps) and its norm derived
+        # as ‖u‖² − ‖Vᵀu‖². Two matrix-vector products, not one product with a (D, 2) stack:
+        # CPU BLAS runs the gemv path several times faster (bench/step_time.py).
+        coords = project(basis, grad)
+        src_coords = coords if source is None else project(basis, source)
         residual = None
     else:
         proj = project if layout is None else layout.project
