@@ -266,6 +266,8 @@ class OSFN(Optimizer):
             "skipped": self._skipped,
             "subspace_dim": self.subspace_dim,
             "basis_layout": self._layout.describe(),
+            # decides exact residual norms on the next step (see step()); a resume must agree
+            "alive_directions": self._last.get("alive_directions", 0),
         }
         if self._owns_service:
             worker["service"] = self.exchange.state_dict()
@@ -303,5 +305,7 @@ class OSFN(Optimizer):
         self._prev_step_coords = None if prev is None else prev.clone().to(basis.device if basis is not None else "cpu")
         self._steps = worker["steps"]
         self._skipped = worker["skipped"]
+        if "alive_directions" in worker:
+            self._last = {**self._last, "alive_directions": worker["alive_directions"]}
         if self._owns_service and "service" in worker:
             self.exchange.load_state_dict(worker["service"])

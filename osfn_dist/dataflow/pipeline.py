@@ -74,14 +74,14 @@ class PipelinedExchange:
         self._ready = None
         # Send first: the service processes reports in order, so this one queues behind the
         # previous report while we wait for (or already hold) the previous update.
-        self._in_flight = (self._submit(report), report.step, report.residual_sqnorm)
+        self._in_flight = (self._submit(report), report.step, _residual_sqnorm(report))
         if ready is not None:
             previous, previous_sq = ready
         elif flight is not None:
             previous, previous_sq = self._result(flight[0]), flight[2]
         else:
             return self._warmup(report)
-        _rescale_residual(previous, previous_sq, report.residual_sqnorm)
+        _rescale_residual(previous, previous_sq, _residual_sqnorm(report))
         self.stale_updates += 1
         if not self._announced:
             log.info(
@@ -149,3 +149,15 @@ def _rescale_residual(update: DirectionUpdate, used_sq: float | None, current_sq
     if current_sq <= 1e-300 or used_sq <= 0:
         return
     update.residual_coef = update.residual_coef * (used_sq / current_sq) ** 0.5
+
+
+def _residual_sqnorm(report: Report) -> float | None:
+    """‖u − V Vᵀu‖² of the report's subspace source u: sent, or derived as the service does."""
+    if report.residual_sqnorm is not None:
+        return float(report.residual_sqnorm)
+    coords, sq = (report.source_coords, report.source_sqnorm) if report.source_coords is not None else (
+        report.grad_coords, report.grad_sqnorm)
+    if sq is None:
+        return None
+    c = torch.as_tensor(coords, dtype=torch.float64)
+    return max(float(sq) - float(c @ c), 0.0)
