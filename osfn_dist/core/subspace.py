@@ -61,7 +61,8 @@ def cholesky_qr2(basis: torch.Tensor, alive: torch.Tensor | None = None, allredu
             q = _qr_keep_orientation(sub.to(torch.float64)) if qr is None else qr(sub.to(torch.float64))
             sub = q.to(basis.dtype)
             break
-        inv = torch.linalg.solve_triangular(chol.T, torch.eye(len(cols), dtype=torch.float64), upper=True)
+        eye = torch.eye(len(cols), dtype=torch.float64, device=chol.device)  # on the GPU with V
+        inv = torch.linalg.solve_triangular(chol.T, eye, upper=True)
         sub = sub @ inv.to(device=sub.device, dtype=basis.dtype)
     basis.index_copy_(1, cols, sub)
     return basis
