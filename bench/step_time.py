@@ -1,0 +1,84 @@
+"""Per-step cost of OSFN vs AdamW, measured side by side in one process.
+
+    python bench/step_time.py                       # ~1M-parameter MLP, d = 8, CPU
+    python bench/step_time.py --width 2048 --d 16   # bigger model / subspace
+    python bench/step_time.py --device cuda         # on a GPU (name the card with the numbers)
+
+Rounds interleave the optimizers (AdamW, OSFN, AdamW, OSFN, ...) so background load hits
+both alike; the table reports medians and the OSFN/AdamW ratios of the whole training step
+(forward + backward + optimizer) and of the optimizer step alone.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from osfn_dist import OSFN
+
+
+def build(width: int, device: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(512, width), torch.nn.ReLU(), torch.nn.Linear(width, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10)
+    ).to(device)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--width", type=int, default=1024, help="hidden width (1024: 1.05M parameters)")
+    ap.add_argument("--d", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per round")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    dev = args.device
+    x = torch.randn(args.batch, 512, device=dev)
+    y = torch.randint(0, 10, (args.batch,), device=dev)
+    makers = {
+        "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+        f"OSFN d={args.d}": lambda ps: OSFN(ps, lr=1e-3, subspace_dim=args.d),
+    }
+    models = {k: build(args.width, dev) for k in makers}
+    opts = {k: makers[k](models[k].parameters()) for k in makers}
+    n_params = sum(p.numel() for p in next(iter(models.values())).parameters())
+    step_t: dict[str, list[float]] = {k: [] for k in makers}
+    opt_t: dict[str, list[float]] = {k: [] for k in makers}
+    for rnd in range(args.rounds + 1):
+        for k in makers:
+            m, o = models[k], opts[k]
+            for i in range(args.steps):
+                sync(dev)
+                t0 = time.perf_counter()
+                loss = torch.nn.functional.cross_entropy(m(x), y)
+                o.zero_grad(set_to_none=True)
+                loss.backward()
+                sync(dev)
+                t1 = time.perf_counter()
+                o.step()
+                sync(dev)
+                t2 = time.perf_counter()
+                if rnd > 0:  # round 0 warms up (allocations, basis fill)
+                    step_t[k].append(t2 - t0)
+                    opt_t[k].append(t2 - t1)
+    base = "AdamW"
+    print(f"{n_params:,} parameters, batch {args.batch}, device {dev}, {args.rounds}×{args.steps} interleaved steps each\n")
+    print("| optimizer | training step ms (median) | optimizer step ms (median) | step ratio vs AdamW | optimizer-step ratio |")
+    print("|---|---|---|---|---|")
+    for k in makers:
+        st, ot = statistics.median(step_t[k]) * 1e3, statistics.median(opt_t[k]) * 1e3
+        sb, ob = statistics.median(step_t[base]) * 1e3, statistics.median(opt_t[base]) * 1e3
+        print(f"| {k} | {st:.2f} | {ot:.2f} | {st / sb:.2f}× | {ot / ob:.2f}× |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
