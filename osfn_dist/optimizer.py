@@ -79,6 +79,7 @@ class OSFN(Optimizer):
         self._basis_version = 0
         self._residual_step_dot = 0.0
         self._prev_step_coords: torch.Tensor | None = None
+        self._drift: torch.Tensor | None = None  # complement-only displacement since the last exchange
         self._steps = 0
         self._skipped = 0
         self._last: dict = {}
@@ -140,6 +141,17 @@ class OSFN(Optimizer):
             parts.append(buf.reshape(-1).to(dtype))
         return torch.cat(parts)
 
+    def _complement_displacement(self, params, groups, has_grad, basis) -> torch.Tensor:
+        """Advance the complement optimizer; its displacement p (θ_new = θ − p) as one flat vector."""
+        parts = []
+        for p, group, ok in zip(params, groups, has_grad):
+            if ok:
+                step = comp.direction(p, p.grad, self.state[p], group)
+                parts.append(comp.displacement(p, *step).reshape(-1).to(basis.dtype))
+            else:
+                parts.append(torch.zeros(p.numel(), device=basis.device, dtype=basis.dtype))
+        return torch.cat(parts)
+
     # ------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure=None):
@@ -156,6 +168,10 @@ class OSFN(Optimizer):
         if not any(has_grad):
             return loss
         worker_coords = None
+        # curvature_every = k: the subspace machinery runs on steps 1, k+1, 2k+1, ...; in
+        # between only the complement steps (its displacement is accumulated as drift)
+        every = int(self.param_groups[0]["curvature_every"])
+        curvature_step = self.subspace_dim > 0 and (every == 1 or self._steps % every == 0)
         if self.gradient_sync is not None:
             # Average before the finiteness check so every rank takes the same decision.
             basis = self._ensure_basis(params) if self.subspace_dim else None
@@ -163,7 +179,7 @@ class OSFN(Optimizer):
             if basis is not None and self._layout.sharded:
                 worker_coords = self._layout.sync_gradient(grad, basis)  # also averages grad
             else:
-                if basis is not None:
+                if basis is not None and curvature_step:
                     worker_coords = self.gradient_sync.gather_coords(basis.T @ grad)
                 self.gradient_sync.average(grad)
             write_back(params, grad, has_grad)  # the complement acts on the averaged gradient
@@ -186,8 +202,18 @@ class OSFN(Optimizer):
             self._last = {"skipped_steps": self._skipped, "step": self._steps}
             return loss
 
-        # collect
         basis = self._ensure_basis(params)
+        frozen = [ok and group["lr"] > 0 for ok, group in zip(has_grad, groups)]
+        if not curvature_step:
+            disp = self._complement_displacement(params, groups, has_grad, basis)
+            self._drift = -disp if self._drift is None else self._drift.sub_(disp)
+            disp.neg_()
+            scatter_add(params, disp, frozen)
+            self._last = {**self._last, "step": self._steps, "complement_step_norm": float(disp.norm()),
+                          "subspace_step_norm": 0.0, "step_norm": float(disp.norm()), "skipped_steps": self._skipped}
+            return loss
+
+        # collect
         if self.gradient_sync is None:
             grad = flat_gradient(params, basis.dtype)
         source = self._subspace_source(params, has_grad, basis.dtype)
@@ -195,21 +221,15 @@ class OSFN(Optimizer):
         exact = self._last.get("alive_directions", 0) < self.subspace_dim
         report, coords, residual = build_report(
             basis, grad, self._steps, self._basis_version, self._residual_step_dot, hyper, worker_coords,
-            source=source, prev_step_coords=self._prev_step_coords,
+            source=source, prev_step_coords=self._prev_step_coords, drift=self._drift,
             layout=self._layout if self._layout.sharded else None, exact_residual=exact,
         )
         # exchange
         update = self.exchange.exchange(report)
         check_version(update, self._basis_version)
+        self._drift = None
         # apply
-        disp_parts = []
-        for p, group, ok in zip(params, groups, has_grad):
-            if ok:
-                parts = comp.direction(p, p.grad, self.state[p], group)
-                disp_parts.append(comp.displacement(p, *parts).reshape(-1).to(basis.dtype))
-            else:
-                disp_parts.append(torch.zeros(p.numel(), device=basis.device, dtype=basis.dtype))
-        disp = torch.cat(disp_parts)
+        disp = self._complement_displacement(params, groups, has_grad, basis)
         delta, self._prev_step_coords, self._residual_step_dot, residual = combine_steps(
             basis, disp, residual, update.step_coef, update.complement_keep,
             layout=self._layout if self._layout.sharded else None,
@@ -217,7 +237,7 @@ class OSFN(Optimizer):
             source_coords=coords if report.source_coords is None else report.source_coords.to(basis.device, basis.dtype),
         )
         # a group with lr = 0 is frozen: neither its complement nor the shared subspace moves it
-        scatter_add(params, delta, [ok and group["lr"] > 0 for ok, group in zip(has_grad, groups)])
+        scatter_add(params, delta, frozen)
         self._basis = update_basis(basis, residual, update, self._layout if self._layout.sharded else None)
         self._basis_version = update.new_version
         self._last = {
@@ -262,6 +282,7 @@ class OSFN(Optimizer):
             "basis_version": self._basis_version,
             "residual_step_dot": self._residual_step_dot,
             "prev_step_coords": self._prev_step_coords,
+            "drift": None if self._drift is None else self._drift.clone(),
             "steps": self._steps,
             "skipped": self._skipped,
             "subspace_dim": self.subspace_dim,
@@ -303,6 +324,8 @@ class OSFN(Optimizer):
         self._residual_step_dot = worker["residual_step_dot"]
         prev = worker.get("prev_step_coords")
         self._prev_step_coords = None if prev is None else prev.clone().to(basis.device if basis is not None else "cpu")
+        drift = worker.get("drift")
+        self._drift = None if drift is None else drift.clone().to(basis.device if basis is not None else "cpu")
         self._steps = worker["steps"]
         self._skipped = worker["skipped"]
         if "alive_directions" in worker:

@@ -80,6 +80,51 @@ def test_state_dict_round_trip_continues_bit_identically():
     assert torch.equal(opt.basis, clone_opt.basis)
 
 
+@pytest.mark.parametrize("every", [1, 3])
+def test_state_dict_round_trip_mid_cycle(every):
+    """With curvature_every = 3 the checkpoint falls between exchanges: the accumulated
+    complement drift must travel with it."""
+    data = batches(31)
+    model = make_model()
+    opt = OSFN(model.parameters(), lr=1e-2, subspace_dim=4, curvature_every=every)
+    train(model, opt, data[:17])
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    train(model, opt, data[17:])
+    clone = make_model(seed=5)
+    clone.load_state_dict(saved[0])
+    clone_opt = OSFN(clone.parameters(), lr=1e-2, subspace_dim=4, curvature_every=every)
+    clone_opt.load_state_dict(saved[1])
+    train(clone, clone_opt, data[17:])
+    assert torch.equal(flat(model), flat(clone))
+
+
+def test_curvature_every_k_exchanges_once_per_k_steps_and_tracks_position():
+    """Complement-only steps in between exchanges still move the tracked position: with the
+    subspace spanning everything (D = d), position = Vᵀ(θ − origin) for a fixed origin."""
+    torch.manual_seed(0)
+    theta = torch.nn.Parameter(torch.randn(4))
+    opt = OSFN([theta], lr=0.05, complement="momentum", subspace_dim=4, curvature_every=3)
+    svc = opt.exchange.service
+    origins = []
+    g = torch.Generator().manual_seed(2)
+    h = torch.diag(torch.tensor([3.0, 1.0, 0.5, 0.2]))
+    for step in range(1, 40):
+        theta.grad = h @ theta.detach() + 0.05 * torch.randn(4, generator=g)
+        opt.step()
+        if step % 3 == 1 and step > 10:  # just after an exchange
+            v = opt.basis.double()
+            pos = svc.position + svc.last_transform @ opt._prev_step_coords.double() + svc.pending_residual * opt._residual_step_dot
+            origins.append(theta.detach().double() - v @ pos)
+        if step % 3 == 0 and step > 10:  # the step before an exchange: drift pending
+            v = opt.basis.double()
+            pos = (svc.position + svc.last_transform @ opt._prev_step_coords.double()
+                   + svc.pending_residual * opt._residual_step_dot + v.T @ opt._drift.double())
+            origins.append(theta.detach().double() - v @ pos)
+    assert svc.step == 13  # steps 1, 4, ..., 37
+    for o in origins[1:]:
+        assert torch.allclose(o, origins[0], atol=1e-4)
+
+
 def test_state_dict_through_torch_save(tmp_path):
     model = make_model()
     opt = OSFN(model.parameters(), lr=1e-2, subspace_dim=4)
@@ -233,6 +278,7 @@ INVALID = {
     "replace_every": 0,
     "basis_update_every": 0,
     "reorth_every": 0,
+    "curvature_every": 0,
     "newton_warmup": -1,
     "eigen_method": "lapack",
     "noise_damping": "yes",

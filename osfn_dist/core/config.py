@@ -43,6 +43,7 @@ class OSFNConfig:
     replace_every: int = 10
     basis_update_every: int = 1
     reorth_every: int = 16
+    curvature_every: int = 1  # run the subspace machinery every k-th step; complement only in between
     newton_warmup: int = 10  # steps of statistics before the first Newton step
     eigen_method: str = "qr"
     noise_damping: bool = True
@@ -105,7 +106,7 @@ class OSFNConfig:
         need("subspace_rule", self.subspace_rule in SUBSPACE_RULES, f"one of {SUBSPACE_RULES}")
         need("subspace_source", self.subspace_source in SUBSPACE_SOURCES, f"one of {SUBSPACE_SOURCES}")
         need("subspace_rate", finite(self.subspace_rate) and 0 <= self.subspace_rate <= 1, "in [0, 1]")
-        for name in ("replace_every", "basis_update_every", "reorth_every"):
+        for name in ("replace_every", "basis_update_every", "reorth_every", "curvature_every"):
             v = getattr(self, name)
             need(name, isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1")
         need(

@@ -27,6 +27,7 @@ def build_report(
     prev_step_coords: torch.Tensor | None = None,
     layout=None,
     exact_residual: bool = True,
+    drift: torch.Tensor | None = None,
 ) -> tuple[Report, torch.Tensor, torch.Tensor | None]:
     """Returns the report, y = Vᵀg and the residual r = u − V Vᵀu of the vector u the
     subspace turns toward (``source``; default the gradient). y and r stay on the worker's
@@ -50,6 +51,9 @@ def build_report(
         if layout is not None:
             src = layout.rows(src)
         residual = src.to(basis.dtype) - basis @ src_coords
+    drift_coords = None
+    if drift is not None:
+        drift_coords = (project if layout is None else layout.project)(basis, drift).detach().to("cpu", torch.float64)
     report = Report(
         step=step,
         basis_version=basis_version,
@@ -63,6 +67,7 @@ def build_report(
         ),
         residual_step_dot=float(residual_step_dot),
         prev_step_coords=None if prev_step_coords is None else prev_step_coords.detach().to("cpu", torch.float64),
+        drift_coords=drift_coords,
         worker_grad_coords=worker_grad_coords,
         hyper=dict(hyper),
     )

@@ -42,6 +42,8 @@ class Report:
     residual_sqnorm ‖u − V Vᵀu‖² (computed directly: ‖u‖² − ‖Vᵀu‖² cancels badly once the
     subspace holds most of u); prev_step_coords V_prevᵀΔθ_prev (d,), the previous step's
     displacement in the coordinates of the basis it was taken in (None: zeros);
+    drift_coords VᵀΔθ_drift (d,), the complement-only steps taken since the last exchange
+    (``curvature_every`` > 1), in the current basis (None: zeros);
     residual_step_dot rᵀΔθ of the previous step, r that residual (0 on the first);
     worker_grad_coords (N, d): each worker's own Vᵀg_local, for noise estimates (or None).
     """
@@ -54,6 +56,7 @@ class Report:
     source_sqnorm: float | None = None
     residual_sqnorm: float | None = None
     prev_step_coords: torch.Tensor | None = None
+    drift_coords: torch.Tensor | None = None
     residual_step_dot: float = 0.0
     worker_grad_coords: torch.Tensor | None = None
     hyper: dict = field(default_factory=dict)
@@ -106,7 +109,7 @@ def _to_wire(msg) -> dict:
     return out
 
 
-_TENSOR_FIELDS = {"grad_coords", "source_coords", "prev_step_coords", "worker_grad_coords", "step_coef", "rotation", "residual_coef"}
+_TENSOR_FIELDS = {"grad_coords", "source_coords", "prev_step_coords", "drift_coords", "worker_grad_coords", "step_coef", "rotation", "residual_coef"}
 
 
 def _from_wire(cls, data: dict):

@@ -153,6 +153,10 @@ class CurvatureService:
                 raise DimensionMismatchError(
                     f"report.source_coords must be {d} finite floats with a finite source_sqnorm >= 0"
                 )
+        if report.drift_coords is not None:
+            dc = torch.as_tensor(report.drift_coords, dtype=DTYPE).flatten()
+            if dc.shape[0] != d or not torch.isfinite(dc).all():
+                raise DimensionMismatchError(f"report.drift_coords must be {d} finite floats")
         if report.prev_step_coords is not None:
             pc = torch.as_tensor(report.prev_step_coords, dtype=DTYPE).flatten()
             if pc.shape[0] != d or not torch.isfinite(pc).all():
@@ -207,6 +211,8 @@ class CurvatureService:
         if report.prev_step_coords is not None:
             self.position = self.position + self.last_transform @ torch.as_tensor(report.prev_step_coords, dtype=DTYPE)
         self.position = self.position + self.pending_residual * report.residual_step_dot
+        if report.drift_coords is not None:  # complement-only steps since the last exchange
+            self.position = self.position + torch.as_tensor(report.drift_coords, dtype=DTYPE)
 
         # (2) regression statistics and per-direction gradient energy / noise.
         self.stats.update(self.position, y, float(h["forgetting"]))

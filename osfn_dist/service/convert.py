@@ -69,7 +69,7 @@ def bytes_to_tensor(data: bytes, what: str, shape: tuple[int, ...] | None = None
 # messages.py gains a field that is missing here (extend the .proto and this module).
 REPORT_FIELDS = (
     "step", "basis_version", "grad_coords", "grad_sqnorm", "source_coords", "source_sqnorm",
-    "residual_sqnorm", "prev_step_coords", "residual_step_dot", "worker_grad_coords", "hyper",
+    "residual_sqnorm", "prev_step_coords", "drift_coords", "residual_step_dot", "worker_grad_coords", "hyper",
 )
 UPDATE_FIELDS = (
     "step", "base_version", "new_version", "step_coef", "rotation", "residual_coef", "complement_keep",
@@ -108,6 +108,8 @@ def report_to_proto(report: Report) -> pb.Report:
         msg.residual_sqnorm = float(report.residual_sqnorm)
     if report.prev_step_coords is not None:
         msg.prev_step_coords = tensor_to_bytes(torch.as_tensor(report.prev_step_coords))
+    if report.drift_coords is not None:
+        msg.drift_coords = tensor_to_bytes(torch.as_tensor(report.drift_coords))
     if report.worker_grad_coords is not None:
         w = torch.as_tensor(report.worker_grad_coords, dtype=torch.float64)
         msg.num_workers = int(w.shape[0]) if w.ndim else 0
@@ -142,6 +144,7 @@ def report_from_proto(msg: pb.Report) -> Report:
         prev_step_coords=(
             bytes_to_tensor(msg.prev_step_coords, "prev_step_coords") if msg.HasField("prev_step_coords") else None
         ),
+        drift_coords=bytes_to_tensor(msg.drift_coords, "drift_coords") if msg.HasField("drift_coords") else None,
         worker_grad_coords=workers,
         hyper={k: _typed_hyper(k, v) for k, v in msg.hyper.items()},
     )
