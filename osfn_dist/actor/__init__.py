@@ -5,6 +5,7 @@ from .curvature_actor import (
     CurvatureActor,
     create_curvature_actor,
     get_curvature_actor,
+    release_curvature_actor,
     wire_size,
 )
 
@@ -14,5 +15,6 @@ __all__ = [
     "CurvatureActor",
     "create_curvature_actor",
     "get_curvature_actor",
+    "release_curvature_actor",
     "wire_size",
 ]

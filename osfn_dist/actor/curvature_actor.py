@@ -37,17 +37,40 @@ def wire_size(wire: dict) -> int:
     return len(pickle.dumps(wire, protocol=pickle.HIGHEST_PROTOCOL))
 
 
+_KV_NAMESPACE = "osfn-dist"
+
+
+def _incarnation_key(actor_id: str) -> str:
+    return f"curvature-actor-incarnation:{actor_id}"
+
+
 def _was_reconstructed() -> bool:
+    """True in a restarted incarnation of this actor. Two independent signals, so a failed
+    query can never make a restarted (empty) actor pass for a fresh one: Ray's restart count,
+    and a marker the first incarnation leaves in the GCS key-value store."""
     import warnings
 
     try:
         import ray
+        from ray.experimental.internal_kv import _internal_kv_put
 
-        with warnings.catch_warnings():  # it reads the actor table through a deprecated helper
-            warnings.simplefilter("ignore")
-            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        actor_id = ray.get_runtime_context().get_actor_id()
+        if actor_id is None:
+            return False
     except Exception:  # not inside a Ray actor (unit tests call the class directly)
         return False
+    restarted = False
+    try:
+        restarted = _internal_kv_put(_incarnation_key(actor_id), b"1", overwrite=False, namespace=_KV_NAMESPACE)
+    except Exception:
+        pass
+    try:
+        with warnings.catch_warnings():  # it reads the actor table through a deprecated helper
+            warnings.simplefilter("ignore")
+            restarted = restarted or bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:
+        pass
+    return bool(restarted)
 
 
 class CurvatureActor:
@@ -129,6 +152,21 @@ def create_curvature_actor(
         opts["name"] = name
     opts.update(options)
     return ray.remote(CurvatureActor).options(**opts).remote(config, allow_stale)
+
+
+def release_curvature_actor(actor) -> None:
+    """Kill the actor (no restart) and drop its incarnation marker."""
+    import ray
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:
+        pass
+    try:
+        _internal_kv_del(_incarnation_key(actor._actor_id.hex()), namespace=_KV_NAMESPACE)
+    except Exception:
+        pass
 
 
 def get_curvature_actor(name: str, namespace: str = DEFAULT_NAMESPACE):

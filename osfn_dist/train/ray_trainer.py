@@ -61,7 +61,7 @@ def train_ray(cfg: TrainConfig, show_progress: bool = True, *, fault: dict | Non
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ..actor.curvature_actor import DEFAULT_NAMESPACE, create_curvature_actor
+    from ..actor.curvature_actor import DEFAULT_NAMESPACE, create_curvature_actor, release_curvature_actor
     from .ray_checkpoint import find_checkpoint
     from .ray_runlog import Poller, start_run_log
     from .ray_worker import train_loop_per_worker
@@ -121,12 +121,13 @@ def train_ray(cfg: TrainConfig, show_progress: bool = True, *, fault: dict | Non
         info = ray.get(runlog.summary.remote(), timeout=60)
         actor_snapshot = ray.get(actor.snapshot.remote(), timeout=60) if actor is not None else None
     finally:
-        for handle in (actor, runlog):
-            if handle is not None:
-                try:
-                    ray.kill(handle)
-                except Exception:
-                    pass
+        if actor is not None:
+            release_curvature_actor(actor)
+        if runlog is not None:
+            try:
+                ray.kill(runlog)
+            except Exception:
+                pass
         if started:
             ray.shutdown()
     return run.finish(_summary(cfg, workload, steps, batch, run, run_name, wall, info, actor_snapshot, result))
