@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=30, help="timed steps per round")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--every", type=int, nargs="*", default=[4, 16], help="also time these curvature_every values")
     args = ap.parse_args(argv)
     dev = args.device
     x = torch.randn(args.batch, 512, device=dev)
@@ -47,6 +48,8 @@ def main(argv=None) -> int:
         "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
         f"OSFN d={args.d}": lambda ps: OSFN(ps, lr=1e-3, subspace_dim=args.d),
     }
+    for k in args.every:
+        makers[f"OSFN d={args.d} curvature_every={k}"] = lambda ps, k=k: OSFN(ps, lr=1e-3, subspace_dim=args.d, curvature_every=k)
     models = {k: build(args.width, dev) for k in makers}
     opts = {k: makers[k](models[k].parameters()) for k in makers}
     n_params = sum(p.numel() for p in next(iter(models.values())).parameters())

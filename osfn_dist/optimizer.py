@@ -8,6 +8,7 @@ from torch.optim import Optimizer
 from .core import complement as comp
 from .core.config import OSFNConfig
 from .core.errors import ConfigError, DimensionMismatchError, NonFiniteGradientError
+from .core.subspace import as_basis_layout, new_basis
 from .dataflow.apply import check_version, combine_steps, scatter_add, update_basis
 from .dataflow.collect import build_report, flat_gradient, write_back
 from .dataflow.exchange import Exchange, InProcessExchange
@@ -103,7 +104,7 @@ class OSFN(Optimizer):
         rows = self._layout.bind(total)
         if self._basis is None:
             device = params[0].device if params else torch.device("cpu")
-            self._basis = torch.zeros(rows, self.subspace_dim, device=device, dtype=self._basis_dtype(params))
+            self._basis = new_basis(rows, self.subspace_dim, device=device, dtype=self._basis_dtype(params))
         elif self._basis.shape[0] != rows:
             raise DimensionMismatchError(
                 f"the optimizer's basis covers {self._basis.shape[0]} parameters but the model now "
@@ -316,7 +317,7 @@ class OSFN(Optimizer):
                 )
         if basis is not None:
             device = self._params()[0].device
-            basis = basis.clone().to(device)
+            basis = as_basis_layout(basis.clone().to(device))
             self._basis = None
             self._ensure_basis(self._params())  # shape check against the current model
         self._basis = basis
