@@ -1,0 +1,40 @@
+"""CUDA correctness (runs where a GPU is present; skipped on CPU-only machines and in CI)."""
+import pytest
+import torch
+
+from osfn_dist import OSFN
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _train(device, dtype=torch.float32, steps=40, **kw):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4)).to(device, dtype)
+    opt = OSFN(model.parameters(), lr=1e-2, subspace_dim=4, **kw)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(32, 16, generator=g).to(device, dtype)
+        y = torch.randn(32, 4, generator=g).to(device)
+        loss = torch.nn.functional.mse_loss(model(x).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return torch.cat([p.detach().float().cpu().reshape(-1) for p in model.parameters()]), opt
+
+
+def test_cuda_matches_cpu():
+    cpu, _ = _train("cpu")
+    gpu, opt = _train("cuda")
+    assert opt.basis.is_cuda
+    torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-4)
+
+
+def test_cuda_bfloat16_params_with_float32_basis():
+    params, opt = _train("cuda", torch.bfloat16)
+    assert opt.basis.dtype == torch.float32 and torch.isfinite(params).all()
+
+
+def test_cuda_state_dict_round_trip():
+    _, opt = _train("cuda", steps=12)
+    sd = opt.state_dict()
+    assert sd["osfn"]["basis"].is_cuda
