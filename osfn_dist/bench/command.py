@@ -18,11 +18,11 @@ def register(subparsers) -> None:
     p.add_argument("--grid", type=int, help="learning rates per optimizer (same for all)")
     p.add_argument("--seeds", type=int, help="seeds for the tuned learning rate")
     p.add_argument("--out", help="output directory")
+    p.add_argument("--report-only", action="store_true", help="rebuild table.md/curves.png from <out>/runs.json")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from .peers import DEFAULT_PEERS
     from .suite import SuiteConfig, plan, run_suite, write_outputs
 
     overrides = {
@@ -37,8 +37,15 @@ def run(args) -> int:
         cfg = SuiteConfig.quick(**overrides)
     else:
         cfg = SuiteConfig(**{k: v for k, v in overrides.items() if v is not None})
-    if cfg.optimizers == DEFAULT_PEERS and "optimizers" not in overrides:
-        pass
+    if args.report_only:
+        import json
+        from pathlib import Path
+
+        from .suite import markdown
+
+        runs = json.loads((Path(cfg.out_dir) / "runs.json").read_text())
+        print(markdown(write_outputs(cfg, runs, save_runs=False)))
+        return 0
     jobs = plan(cfg)
     try:
         from tqdm.auto import tqdm

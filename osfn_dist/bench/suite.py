@@ -84,6 +84,13 @@ def _mean_curve(runs: list[dict]) -> list[tuple[int, float]]:
     return out
 
 
+def _std(values: list[float]) -> float:
+    """Population std; nan when a run diverged (its loss is inf)."""
+    if not all(math.isfinite(v) for v in values):
+        return float("nan")
+    return statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
 def summarize(runs: list[dict]) -> dict:
     """Per workload and optimizer: the best-lr runs over seeds, aggregated."""
     table: dict[str, dict[str, dict]] = {}
@@ -100,9 +107,9 @@ def summarize(runs: list[dict]) -> dict:
                 "lr": best["lr"],
                 "seeds": len(chosen),
                 "final_train_mean": statistics.fmean(finals),
-                "final_train_std": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
+                "final_train_std": _std(finals),
                 "test_mean": statistics.fmean(tests),
-                "test_std": statistics.pstdev(tests) if len(tests) > 1 else 0.0,
+                "test_std": _std(tests),
                 "step_seconds": statistics.median(r["step_seconds"] for r in mine),
                 "state_bytes": max(r["state_bytes"] for r in chosen),
                 "params": chosen[0]["params"],
@@ -137,8 +144,9 @@ def markdown(table: dict, labels: dict[str, str] | None = None) -> str:
             r = rows[o]
             steps = r.get("steps_to_adamw_best")
             secs = r.get("seconds_to_adamw_best")
+            diverged = f" ({r['diverged_runs']} runs diverged)" if r["diverged_runs"] else ""
             lines.append(
-                f"| {labels.get(o, o)} | {r['lr']:.3g} | {r['final_train_mean']:.4g} ± {r['final_train_std']:.2g} "
+                f"| {labels.get(o, o)}{diverged} | {r['lr']:.3g} | {r['final_train_mean']:.4g} ± {r['final_train_std']:.2g} "
                 f"| {r['test_mean']:.4g} ± {r['test_std']:.2g} | {steps if steps is not None else '—'} "
                 f"| {f'{secs:.2f}' if secs is not None else '—'} | {r.get('step_time_vs_adamw', float('nan')):.2f}× "
                 f"| {r['state_bytes'] / 2**20:.2f} |"
@@ -175,10 +183,11 @@ def plot(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(cfg: SuiteConfig, runs: list[dict]) -> dict:
+def write_outputs(cfg: SuiteConfig, runs: list[dict], save_runs: bool = True) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "runs.json").write_text(json.dumps(runs, default=float) + "\n")
+    if save_runs:  # first, so a report can always be regenerated (osfn-dist bench --report-only)
+        (out / "runs.json").write_text(json.dumps(runs, default=float) + "\n")
     table = summarize(runs)
     (out / "summary.json").write_text(json.dumps(table, indent=1, default=float) + "\n")
     md = markdown(table)

@@ -1,0 +1,42 @@
+"""The benchmark harness end to end on a seconds-long configuration."""
+import json
+import math
+
+from osfn_dist.bench.suite import SuiteConfig, markdown, run_suite, summarize, write_outputs
+from osfn_dist.cli import main
+
+
+def test_bench_runs_equal_grids_and_reports(tmp_path):
+    cfg = SuiteConfig(workloads=("tiny_mlp",), optimizers=("adamw", "osfn"), steps=12, grid=2, seeds=2,
+                      eval_points=4, out_dir=str(tmp_path / "b"))
+    runs = run_suite(cfg)
+    # equal tuning budget: 2 learning rates on seed 0, then the best one on seed 1, for each optimizer
+    for opt in ("adamw", "osfn"):
+        mine = [r for r in runs if r["optimizer"] == opt]
+        assert len({r["lr"] for r in mine if r["seed"] == 0}) == 2 and len(mine) == 3
+    table = write_outputs(cfg, runs)
+    row = table["tiny_mlp"]["osfn"]
+    assert row["seeds"] == 2 and row["state_bytes"] > table["tiny_mlp"]["adamw"]["state_bytes"]  # + the basis
+    assert table["tiny_mlp"]["adamw"]["step_time_vs_adamw"] == 1.0
+    assert (tmp_path / "b" / "curves.png").stat().st_size > 1000
+    assert "| OSFN (AdamW complement)" in (tmp_path / "b" / "table.md").read_text()
+
+
+def test_diverged_runs_are_reported_not_crashed():
+    run = {"workload": "w", "optimizer": "adamw", "lr": 1.0, "seed": 0, "curve": [(0, 1.0), (10, 0.5)],
+           "final_train_loss": 0.5, "test_loss": 0.6, "step_seconds": 0.01, "state_bytes": 8, "params": 4,
+           "diverged": False}
+    bad = dict(run, seed=1, final_train_loss=math.inf, test_loss=math.inf, diverged=True, curve=[(0, 1.0)])
+    table = summarize([run, bad])
+    assert math.isinf(table["w"]["adamw"]["final_train_mean"]) and math.isnan(table["w"]["adamw"]["final_train_std"])
+    assert "1 runs diverged" in markdown(table)
+
+
+def test_report_only_rebuilds_from_runs_json(tmp_path, capsys):
+    cfg = SuiteConfig(workloads=("tiny_mlp",), optimizers=("adamw",), steps=6, grid=2, seeds=1, eval_points=2,
+                      out_dir=str(tmp_path))
+    write_outputs(cfg, run_suite(cfg))
+    (tmp_path / "table.md").unlink()
+    assert main(["bench", "--report-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "table.md").exists() and json.loads((tmp_path / "runs.json").read_text())
+    assert "AdamW" in capsys.readouterr().out
