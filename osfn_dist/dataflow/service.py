@@ -300,7 +300,9 @@ class CurvatureService:
         if changed:
             self.version += 1
             self.updates += 1
-            reorth = self.version % int(h["reorth_every"]) == 0
+            # a newborn direction comes from a residual that may be tiny, hence imprecise:
+            # re-orthonormalise at once, while the statistics are young, not 16 steps later
+            reorth = self.version % int(h["reorth_every"]) == 0 or born is not None
         if born is not None:
             self.alive[born] = True
         self._carry(transform)
