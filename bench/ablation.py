@@ -1,5 +1,8 @@
 """OSFN ablation: one knob at a time against the defaults, at a fixed learning rate.
 
+Variants are relative to the defaults of the version that runs them (the first README table
+was measured with eig_floor 1.0, complement_in_subspace 0, subspace_source momentum).
+
     python bench/ablation.py --workloads deep_linear mnist1d_mlp --steps 300 --seeds 2
 
 Prints a markdown table of final full-train loss (mean over seeds) per variant and
@@ -35,6 +38,9 @@ VARIANTS = {
     "oja+replace rule": {"subspace_rule": "oja+replace"},
     "subspace_rate 0.5": {"subspace_rate": 0.5},
     "newton off (newton_lr 0)": {"newton_lr": 0.0},
+    "eig_floor 1.0": {"eig_floor": 1.0},
+    "complement_in_subspace=0": {"complement_in_subspace": 0.0},
+    "subspace from momentum": {"subspace_source": "momentum"},
     "eig_floor 0.1 + complement_in_subspace=1": {"eig_floor": 0.1, "complement_in_subspace": 1.0},
     "eig_floor 0.3": {"eig_floor": 0.3},
     "eig_floor 0.1 + d 16": {"eig_floor": 0.1, "subspace_dim": 16},
