@@ -24,7 +24,7 @@ from osfn_dist.workloads import get_workload
 VARIANTS = {
     "defaults": {},
     "newton adds to complement (complement_in_subspace=1)": {"complement_in_subspace": 1.0},
-    "subspace from gradient (not momentum)": {"subspace_source": "gradient"},
+    "subspace from gradient": {"subspace_source": "gradient"},
     "eig_floor 0.1": {"eig_floor": 0.1},
     "eig_floor 10": {"eig_floor": 10.0},
     "newton_lr 1.0": {"newton_lr": 1.0},

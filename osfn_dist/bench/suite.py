@@ -163,12 +163,15 @@ def plot(table: dict, path: Path) -> None:
 
     n = len(table)
     fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {name: palette[i % len(palette)] for i, name in enumerate(PEERS)}  # same colour in every panel
     for ax, (w, rows) in zip(axes[0], table.items()):
         for o, r in sorted(rows.items()):
             if r["curve"]:
                 style = "-" if o.startswith("osfn") else "--"
                 width = 2.2 if o.startswith("osfn") else 1.2
-                ax.plot(*zip(*r["curve"]), style, lw=width, label=f"{PEERS[o].label or o} (lr {r['lr']:.2g})")
+                ax.plot(*zip(*r["curve"]), style, lw=width, color=colors.get(o),
+                        label=f"{PEERS[o].label or o} (lr {r['lr']:.2g})")
         target = next(iter(rows.values())).get("target_loss")
         if target:
             ax.axhline(target, color="gray", lw=0.8, ls=":")

@@ -38,7 +38,7 @@ class OSFNConfig:
     complement_in_subspace: float = 1.0  # 1: the Newton step adds to the complement; 0: replaces it there
     ridge: float = 1e-3  # relative ridge on the position covariance
     subspace_rule: str = "oja"
-    subspace_source: str = "gradient"  # turn V toward the gradient or its momentum average
+    subspace_source: str = "momentum"  # turn V toward the gradient or its momentum average
     subspace_rate: float = 0.1  # Oja rate (gamma)
     replace_every: int = 10
     basis_update_every: int = 1
