@@ -41,6 +41,8 @@ VARIANTS = {
     "eig_floor 1.0": {"eig_floor": 1.0},
     "complement_in_subspace=0": {"complement_in_subspace": 0.0},
     "subspace from momentum": {"subspace_source": "momentum"},
+    "curvature_every 4": {"curvature_every": 4},
+    "curvature_every 16": {"curvature_every": 16},
     "eig_floor 0.1 + complement_in_subspace=1": {"eig_floor": 0.1, "complement_in_subspace": 1.0},
     "eig_floor 0.3": {"eig_floor": 0.3},
     "eig_floor 0.1 + d 16": {"eig_floor": 0.1, "subspace_dim": 16},

@@ -19,6 +19,10 @@ from .dataflow.shard import REPLICATED, ShardedBasis
 WORKER_STATE_VERSION = 1
 
 
+def _flat(params: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).to(dtype) for p in params])
+
+
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
     """One reduction per tensor instead of an elementwise isfinite: a sum is finite iff every
     element is, unless finite values overflow it — then the exact check decides."""
@@ -89,7 +93,9 @@ class OSFN(Optimizer):
         self._basis_version = 0
         self._residual_step_dot = 0.0
         self._prev_step_coords: torch.Tensor | None = None
-        self._drift: torch.Tensor | None = None  # complement-only displacement since the last exchange
+        # θ (flat) right after the last exchange, taken by the first complement-only step
+        # after it (curvature_every > 1): the drift since then is θ − anchor
+        self._anchor: torch.Tensor | None = None
         self._steps = 0
         self._skipped = 0
         self._last: dict = {}
@@ -214,13 +220,17 @@ class OSFN(Optimizer):
 
         basis = self._ensure_basis(params)
         frozen = [ok and group["lr"] > 0 for ok, group in zip(has_grad, groups)]
-        if not curvature_step:
-            disp = self._complement_displacement(params, groups, has_grad, basis)
-            self._drift = -disp if self._drift is None else self._drift.sub_(disp)
-            disp.neg_()
-            scatter_add(params, disp, frozen)
-            self._last = {**self._last, "step": self._steps, "complement_step_norm": float(disp.norm()),
-                          "subspace_step_norm": 0.0, "step_norm": float(disp.norm()), "skipped_steps": self._skipped}
+        if not curvature_step:  # the complement alone, in place, exactly as torch.optim would
+            if self._anchor is None:
+                self._anchor = _flat(params, basis.dtype)
+            for group in self.param_groups:
+                mine = [p for p in group["params"] if p.requires_grad and p.grad is not None]
+                if group["complement"] == "adamw" and mine and not any(p.dtype in (torch.float16, torch.bfloat16) for p in mine):
+                    comp.adamw_foreach(mine, [self.state[p] for p in mine], group)
+                    continue
+                for p in mine:
+                    comp.apply_in_place(p, *comp.direction(p, p.grad, self.state[p], group))
+            self._last = {**self._last, "step": self._steps, "subspace_step_norm": 0.0, "skipped_steps": self._skipped}
             return loss
 
         # collect
@@ -231,13 +241,14 @@ class OSFN(Optimizer):
         exact = self._last.get("alive_directions", 0) < self.subspace_dim
         report, coords, residual = build_report(
             basis, grad, self._steps, self._basis_version, self._residual_step_dot, hyper, worker_coords,
-            source=source, prev_step_coords=self._prev_step_coords, drift=self._drift,
+            source=source, prev_step_coords=self._prev_step_coords,
+            drift=None if self._anchor is None else _flat(params, basis.dtype).sub_(self._anchor),
             layout=self._layout if self._layout.sharded else None, exact_residual=exact,
         )
         # exchange
         update = self.exchange.exchange(report)
         check_version(update, self._basis_version)
-        self._drift = None
+        self._anchor = None
         # apply
         disp = self._complement_displacement(params, groups, has_grad, basis)
         delta, self._prev_step_coords, self._residual_step_dot, residual = combine_steps(
@@ -292,7 +303,7 @@ class OSFN(Optimizer):
             "basis_version": self._basis_version,
             "residual_step_dot": self._residual_step_dot,
             "prev_step_coords": self._prev_step_coords,
-            "drift": None if self._drift is None else self._drift.clone(),
+            "anchor": None if self._anchor is None else self._anchor.clone(),
             "steps": self._steps,
             "skipped": self._skipped,
             "subspace_dim": self.subspace_dim,
@@ -334,8 +345,8 @@ class OSFN(Optimizer):
         self._residual_step_dot = worker["residual_step_dot"]
         prev = worker.get("prev_step_coords")
         self._prev_step_coords = None if prev is None else prev.clone().to(basis.device if basis is not None else "cpu")
-        drift = worker.get("drift")
-        self._drift = None if drift is None else drift.clone().to(basis.device if basis is not None else "cpu")
+        anchor = worker.get("anchor")
+        self._anchor = None if anchor is None else anchor.clone().to(basis.device if basis is not None else "cpu")
         self._steps = worker["steps"]
         self._skipped = worker["skipped"]
         if "alive_directions" in worker:

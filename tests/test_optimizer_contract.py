@@ -118,7 +118,8 @@ def test_curvature_every_k_exchanges_once_per_k_steps_and_tracks_position():
         if step % 3 == 0 and step > 10:  # the step before an exchange: drift pending
             v = opt.basis.double()
             pos = (svc.position + svc.last_transform @ opt._prev_step_coords.double()
-                   + svc.pending_residual * opt._residual_step_dot + v.T @ opt._drift.double())
+                   + svc.pending_residual * opt._residual_step_dot
+                   + v.T @ (theta.detach().double() - opt._anchor.double()))
             origins.append(theta.detach().double() - v @ pos)
     assert svc.step == 13  # steps 1, 4, ..., 37
     for o in origins[1:]:

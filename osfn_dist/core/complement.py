@@ -99,3 +99,22 @@ def displacement(param: torch.Tensor, u: torch.Tensor, alpha: float, decay: floa
     if decay != 0:
         p.add_(param.to(p.dtype), alpha=decay)
     return p
+
+
+def adamw_foreach(params: list[torch.Tensor], states: list[dict], group: dict) -> None:
+    """A whole group's AdamW step in place with torch's multi-tensor kernels (the complement-
+    only steps of ``curvature_every`` > 1). Same state keys and update as ``direction``; the
+    rounding may differ from the single-tensor path in the last bit."""
+    from torch.optim.adam import adam
+
+    for p, st in zip(params, states):
+        if "step" not in st:
+            st["step"] = torch.tensor(0.0)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    beta1, beta2 = group["betas"]
+    adam(
+        params, [p.grad for p in params], [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [],
+        [st["step"] for st in states], foreach=True, decoupled_weight_decay=True, amsgrad=False,
+        beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+    )
