@@ -4,7 +4,6 @@ Kubernetes schemas, the osfn-dist and ray CLIs, promtool, the Helm chart)."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import re
@@ -26,17 +25,8 @@ README = DEPLOY / "README.md"
 CHART = ROOT / "helm" / "osfn-dist"
 
 
-def _load_validation():
-    name = "osfn_test_manifest_validation"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "schemas" / "manifest_validation.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-mv = _load_validation()
+sys.path.insert(0, str(ROOT / "tests" / "schemas"))  # tests/ is not a package
+import manifest_validation as mv  # noqa: E402
 
 
 def docs(path: Path) -> list[dict]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import copy
 import functools
-import importlib.util
 import json
 import re
 import shlex
@@ -27,18 +26,8 @@ CHART = ROOT / "helm" / "osfn-dist"
 RELEASE, NAMESPACE = "osfn", "ml"
 
 
-def _load_validation():
-    # tests/ is not a package: load the shared helper by path, once per session.
-    name = "osfn_test_manifest_validation"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "schemas" / "manifest_validation.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-mv = _load_validation()
+sys.path.insert(0, str(ROOT / "tests" / "schemas"))  # tests/ is not a package
+import manifest_validation as mv  # noqa: E402
 
 VALUE_SETS = {
     "defaults": {},
