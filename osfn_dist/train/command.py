@@ -92,9 +92,12 @@ def run(args) -> int:
     # with `python -m`; Ray puts the driver's directory on the workers' path as well.
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
+    from ..workloads import check_workload
+
     try:
         cfg = config_from_args(args)
-    except ConfigError as exc:
+        check_workload(cfg.workload)
+    except (ConfigError, ValueError) as exc:
         print(f"osfn-dist train: {exc}", file=sys.stderr)
         return 2
     if cfg.backend == "ray":

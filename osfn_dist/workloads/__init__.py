@@ -23,28 +23,38 @@ from collections.abc import Callable
 from .base import Workload
 from .builtin import BUILTIN
 
-__all__ = ["Workload", "BUILTIN", "get_workload", "workload_names"]
+__all__ = ["Workload", "BUILTIN", "check_workload", "get_workload", "workload_names"]
 
 
 def workload_names() -> list[str]:
     return sorted(BUILTIN)
 
 
+def check_workload(name: str) -> None:
+    """Fail fast (ValueError) on a name that cannot be resolved, without building data."""
+    if ":" in name:
+        _resolve(name)
+    elif name not in BUILTIN:
+        raise ValueError(f"unknown workload {name!r}; built-in: {', '.join(workload_names())}, or 'package.module:function'")
+
+
+def _resolve(name: str) -> Callable:
+    module_name, _, func_name = name.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(
+            f"cannot load workload {name!r}: {exc}. Give 'package.module:function' importable "
+            "on every worker (pip install your package, or set PYTHONPATH)"
+        ) from exc
+
+
 def get_workload(name: str, seed: int = 0) -> Workload:
     """A built-in workload by name, or ``package.module:function`` (called with ``seed``)."""
     if ":" in name:
-        module_name, _, func_name = name.partition(":")
-        try:
-            factory: Callable = getattr(importlib.import_module(module_name), func_name)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(
-                f"cannot load workload {name!r}: {exc}. Give 'package.module:function' importable "
-                "on every worker (pip install your package, or set PYTHONPATH)"
-            ) from exc
-        workload = factory(seed=seed)
+        workload = _resolve(name)(seed=seed)
         if not isinstance(workload, Workload):
             raise TypeError(f"workload factory {name!r} returned {type(workload).__name__}, expected osfn_dist.workloads.Workload")
         return workload
-    if name not in BUILTIN:
-        raise ValueError(f"unknown workload {name!r}; built-in: {', '.join(workload_names())}, or 'package.module:function'")
+    check_workload(name)
     return BUILTIN[name](seed=seed)
