@@ -185,7 +185,8 @@ class OSFN(Optimizer):
             return loss
         worker_coords = None
         # curvature_every = k: the subspace machinery runs on steps 1, k+1, 2k+1, ...; in
-        # between only the complement steps (its displacement is accumulated as drift)
+        # between only the complement steps, in place; the drift θ − anchor reaches the service
+        # with the next report
         every = int(self.param_groups[0]["curvature_every"])
         curvature_step = self.subspace_dim > 0 and (every == 1 or self._steps % every == 0)
         if self.gradient_sync is not None:
