@@ -121,8 +121,11 @@ def scraped(tmp_path_factory):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             final = prom.query(f'osfn_steps_total{{job="{JOB}"}}')
+            server_step = prom.query(f'osfn_curvature_step{{job="{JOB}",worker="server"}}')
             counts = prom.query(f'count_over_time(osfn_curvature_step{{job="{JOB}",worker="server"}}[1m])')
-            if final and float(final[0]["value"][1]) == STEPS and counts and float(counts[0]["value"][1]) >= 4:
+            # both targets' last scrapes must postdate the run's end (the server's may lag the trainer's)
+            if (final and float(final[0]["value"][1]) == STEPS and server_step
+                    and float(server_step[0]["value"][1]) == STEPS - 1 and counts and float(counts[0]["value"][1]) >= 4):
                 break
             time.sleep(0.5)
         else:
