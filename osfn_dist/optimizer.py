@@ -108,6 +108,11 @@ class OSFN(Optimizer):
         return [g for g in self.param_groups for p in g["params"] if p.requires_grad]
 
     @property
+    def _shard_layout(self):
+        """The sharded layout, or None for a replicated basis (the dataflow hops' convention)."""
+        return self._layout if self._layout.sharded else None
+
+    @property
     def subspace_dim(self) -> int:
         return self.config.subspace_dim
 
@@ -244,7 +249,7 @@ class OSFN(Optimizer):
             basis, grad, self._steps, self._basis_version, self._residual_step_dot, hyper, worker_coords,
             source=source, prev_step_coords=self._prev_step_coords,
             drift=None if self._anchor is None else _flat(params, basis.dtype).sub_(self._anchor),
-            layout=self._layout if self._layout.sharded else None, exact_residual=exact,
+            layout=self._shard_layout, exact_residual=exact,
         )
         # exchange
         update = self.exchange.exchange(report)
@@ -254,13 +259,13 @@ class OSFN(Optimizer):
         disp = self._complement_displacement(params, groups, has_grad, basis)
         delta, self._prev_step_coords, self._residual_step_dot, residual = combine_steps(
             basis, disp, residual, update.step_coef, update.complement_keep,
-            layout=self._layout if self._layout.sharded else None,
+            layout=self._shard_layout,
             source=grad if source is None else source,
             source_coords=coords if report.source_coords is None else report.source_coords.to(basis.device, basis.dtype),
         )
         # a group with lr = 0 is frozen: neither its complement nor the shared subspace moves it
         scatter_add(params, delta, frozen)
-        self._basis = update_basis(basis, residual, update, self._layout if self._layout.sharded else None)
+        self._basis = update_basis(basis, residual, update, self._shard_layout)
         self._basis_version = update.new_version
         self._last = {
             **update.diagnostics,
