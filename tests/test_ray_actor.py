@@ -117,12 +117,28 @@ def test_crashed_actor_refuses_reports_until_restored(ray_session):
 def test_dead_actor_gives_a_clear_error_quickly(ray_session):
     actor = create_curvature_actor(OSFNConfig(**HYPER), max_restarts=0)
     exchange = ActorExchange(actor, timeout_s=30)
-    exchange.exchange(_report())
+    update = exchange.exchange(_report())
     ray_session.kill(actor, no_restart=True)
+    _wait_until_dead(ray_session, actor)  # ray.kill is asynchronous (a CI run once raced it)
     t0 = time.time()
     with pytest.raises(CurvatureServiceUnavailable, match="died or is restarting"):
-        exchange.exchange(_report(step=2))
+        exchange.exchange(_report(step=2, version=update.new_version))  # valid if it were alive
     assert time.time() - t0 < 20
+
+
+def _wait_until_dead(ray_session, actor, within_s: float = 60.0) -> None:
+    from ray.exceptions import RayActorError
+
+    deadline = time.time() + within_s
+    while time.time() < deadline:
+        try:
+            ray_session.get(actor.snapshot.remote(), timeout=10)
+        except RayActorError:
+            return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"the actor did not die within {within_s:g} s of ray.kill")
 
 
 def test_silent_actor_times_out_instead_of_hanging(ray_session):
