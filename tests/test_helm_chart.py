@@ -416,6 +416,20 @@ def test_curvature_service_exposes_grpc_and_reads_its_token_from_the_secret():
     assert re.fullmatch(r"[A-Za-z0-9]{48}", token)
 
 
+def test_curvature_probes_ask_the_grpc_health_service_unless_tls_is_on():
+    from osfn_dist.service.server import SERVICE_NAME
+
+    _, _, container = curvature(objects({"curvatureService": {"port": 50777}}))
+    for probe in (container["readinessProbe"], container["livenessProbe"]):
+        # the serving port by number (Kubernetes' grpc probe takes no port names), and the
+        # whole-server health entry the server registers (it also registers SERVICE_NAME)
+        assert probe["grpc"] == {"port": 50777} and "tcpSocket" not in probe
+    assert SERVICE_NAME and arg(container, "--port") == "50777"
+    _, _, container = curvature(objects("monitoring-on"))  # TLS on: the kubelet's probe can't speak it
+    for probe in (container["readinessProbe"], container["livenessProbe"]):
+        assert probe["tcpSocket"] == {"port": "grpc"} and "grpc" not in probe
+
+
 def test_curvature_token_from_values_or_an_existing_secret():
     secret = only(objects({"curvatureService": {"auth": {"token": "s3cr3t", "secretKey": "auth"}}}), "Secret")
     assert base64.b64decode(secret["data"]["auth"]).decode() == "s3cr3t"

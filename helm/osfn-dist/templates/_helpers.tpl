@@ -192,3 +192,15 @@ it does not add a second one.
 {{- fail "curvatureService.port and curvatureService.metricsPort must differ" }}
 {{- end }}
 {{- end }}
+
+{{/* The curvature service's probe: the gRPC health check (no TLS), else a TCP connect.
+     Kubernetes' grpc probe needs a port number, not a port name. Argument: .Values.curvatureService */}}
+{{- define "osfn-dist.curvatureProbe" -}}
+{{- if .tls.enabled -}}
+tcpSocket:
+  port: grpc
+{{- else -}}
+grpc:
+  port: {{ .port | int }}
+{{- end }}
+{{- end }}
