@@ -12,7 +12,7 @@ from .core.subspace import as_basis_layout, new_basis
 from .dataflow.apply import check_version, combine_steps, scatter_add, update_basis
 from .dataflow.collect import build_report, flat_gradient, write_back
 from .dataflow.exchange import Exchange, InProcessExchange
-from .dataflow.messages import LIVE_HYPERPARAMETERS
+from .dataflow.messages import FIXED_SETTINGS, LIVE_HYPERPARAMETERS
 from .dataflow.service import CurvatureService
 from .dataflow.shard import REPLICATED, ShardedBasis
 
@@ -250,6 +250,7 @@ class OSFN(Optimizer):
             source=source, prev_step_coords=self._prev_step_coords,
             drift=None if self._anchor is None else _flat(params, basis.dtype).sub_(self._anchor),
             layout=self._shard_layout, exact_residual=exact,
+            settings={k: getattr(self.config, k) for k in FIXED_SETTINGS},
         )
         # exchange
         update = self.exchange.exchange(report)

@@ -149,6 +149,10 @@ def test_mismatched_messages_raise_typed_errors_and_leave_state_unchanged(server
         ex.exchange(report(2, version + 5))
     with pytest.raises(ConfigError, match="forgetting"):
         ex.exchange(report(2, version, hyper={"forgetting": -1.0}))
+    with pytest.raises(ConfigError, match="runs subspace_rule='oja' but the trainer is configured with subspace_rule='replace'"):
+        ex.exchange(report(2, version, settings={"subspace_rule": "replace"}))
+    with pytest.raises(ConfigError, match="unknown settings"):
+        ex.exchange(report(2, version, settings={"lr_schedule": "cosine"}))
     with pytest.raises(DimensionMismatchError, match="non-finite"):
         ex.exchange(Report(step=2, basis_version=version, grad_coords=torch.full((D,), float("inf")), grad_sqnorm=1.0))
     with pytest.raises(DimensionMismatchError, match="overflow"):  # finite, but overflows the statistics
@@ -156,6 +160,20 @@ def test_mismatched_messages_raise_typed_errors_and_leave_state_unchanged(server
     after = server.registry.get("default").service.state_dict()
     assert_same_state(before, after)
     assert ex.exchange(report(2, version)).step == 2
+
+
+def test_a_trainer_with_other_fixed_settings_is_refused_before_anything_moves(server):
+    """The server's config decides subspace_rule/eigen_method; a trainer configured otherwise
+    must hear so on its first step, not silently train with the server's method."""
+    model = demo.make_model()
+    before = demo.flat_params(model)
+    opt = OSFN(model.parameters(), lr=demo.LR, exchange=client(server, job="mismatch"),
+               **{**demo.OPTIMIZER, "eigen_method": "eigh"})
+    with pytest.raises(ConfigError, match="eigen_method='qr' but the trainer is configured with eigen_method='eigh'"):
+        demo.train(model, opt, demo.make_batches(1))
+    assert torch.equal(demo.flat_params(model), before)
+    assert opt.state_dict()["state"] == {}  # the complement did not advance either
+    run_demo(client(server, job="match"), steps=2)  # the server's own settings are accepted
 
 
 def assert_same_state(a: dict, b: dict) -> None:

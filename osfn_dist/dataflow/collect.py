@@ -28,6 +28,7 @@ def build_report(
     layout=None,
     exact_residual: bool = True,
     drift: torch.Tensor | None = None,
+    settings: dict | None = None,
 ) -> tuple[Report, torch.Tensor, torch.Tensor | None]:
     """Returns the report, y = Vᵀg and the residual r = u − V Vᵀu of the vector u the
     subspace turns toward (``source``; default the gradient). y and r stay on the worker's
@@ -70,6 +71,7 @@ def build_report(
         drift_coords=drift_coords,
         worker_grad_coords=worker_grad_coords,
         hyper=dict(hyper),
+        settings=dict(settings or {}),
     )
     return report, coords, residual
 

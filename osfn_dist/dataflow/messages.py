@@ -30,6 +30,11 @@ LIVE_HYPERPARAMETERS = (
     "step_scale",
 )
 
+# Settings the curvature service reads from its own config, fixed for a run. Reports carry
+# them so a service started with other settings (an `osfn-dist serve` with a different
+# --config) refuses the trainer loudly instead of silently running another method.
+FIXED_SETTINGS = ("subspace_rule", "eigen_method")
+
 
 @dataclass
 class Report:
@@ -45,7 +50,8 @@ class Report:
     drift_coords VᵀΔθ_drift (d,), the complement-only steps taken since the last exchange
     (``curvature_every`` > 1), in the current basis (None: zeros);
     residual_step_dot rᵀΔθ of the previous step, r that residual (0 on the first);
-    worker_grad_coords (N, d): each worker's own Vᵀg_local, for noise estimates (or None).
+    worker_grad_coords (N, d): each worker's own Vᵀg_local, for noise estimates (or None);
+    hyper: the live hyperparameters; settings: the worker's FIXED_SETTINGS (empty: not checked).
     """
 
     step: int
@@ -60,6 +66,7 @@ class Report:
     residual_step_dot: float = 0.0
     worker_grad_coords: torch.Tensor | None = None
     hyper: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
 
     def to_wire(self) -> dict:
         return _to_wire(self)

@@ -21,7 +21,7 @@ from ..core.eigen import track_eigenbasis
 from ..core.errors import ConfigError, DimensionMismatchError, VersionMismatchError
 from ..core.regression import DTYPE, RegressionStats, solve_symmetric_hessian
 from ..core.saddle_free import saddle_free_step
-from .messages import LIVE_HYPERPARAMETERS, DirectionUpdate, Report
+from .messages import FIXED_SETTINGS, LIVE_HYPERPARAMETERS, DirectionUpdate, Report
 
 MIN_SAMPLES = 3  # a direction joins the Hessian estimate after this many samples
 STATE_VERSION = 1
@@ -170,6 +170,7 @@ class CurvatureService:
         unknown = set(report.hyper) - set(LIVE_HYPERPARAMETERS)
         if unknown:
             raise DimensionMismatchError(f"unknown hyperparameters in report: {sorted(unknown)}")
+        self._check_settings(report.settings)
         self._validate_hyper(report.hyper)
         if report.basis_version != self.version:
             if self.allow_stale and report.basis_version == self.version - 1:
@@ -181,6 +182,19 @@ class CurvatureService:
                     "same checkpoint)"
                 )
         return y
+
+    def _check_settings(self, settings: dict) -> None:
+        unknown = set(settings) - set(FIXED_SETTINGS)
+        if unknown:
+            raise ConfigError(f"report carries unknown settings {sorted(unknown)}; known: {', '.join(FIXED_SETTINGS)}")
+        for name, theirs in settings.items():
+            mine = getattr(self.config, name)
+            if str(theirs) != str(mine):
+                raise ConfigError(
+                    f"the curvature service runs {name}={mine!r} but the trainer is configured with "
+                    f"{name}={theirs!r}; give both the same setting (osfn-dist serve --config FILE takes "
+                    "the trainer's 'optimizer:' section)"
+                )
 
     def _validate_hyper(self, hyper: dict) -> None:
         """Reject invalid live hyperparameter values before anything is mutated: a bad value

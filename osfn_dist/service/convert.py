@@ -70,6 +70,7 @@ def bytes_to_tensor(data: bytes, what: str, shape: tuple[int, ...] | None = None
 REPORT_FIELDS = (
     "step", "basis_version", "grad_coords", "grad_sqnorm", "source_coords", "source_sqnorm",
     "residual_sqnorm", "prev_step_coords", "drift_coords", "residual_step_dot", "worker_grad_coords", "hyper",
+    "settings",
 )
 UPDATE_FIELDS = (
     "step", "base_version", "new_version", "step_coef", "rotation", "residual_coef", "complement_keep",
@@ -116,6 +117,8 @@ def report_to_proto(report: Report) -> pb.Report:
         msg.worker_grad_coords = tensor_to_bytes(w)
     for k, v in report.hyper.items():
         msg.hyper[k] = float(v)
+    for k, v in report.settings.items():
+        msg.settings[k] = str(v)
     return msg
 
 
@@ -147,6 +150,7 @@ def report_from_proto(msg: pb.Report) -> Report:
         drift_coords=bytes_to_tensor(msg.drift_coords, "drift_coords") if msg.HasField("drift_coords") else None,
         worker_grad_coords=workers,
         hyper={k: _typed_hyper(k, v) for k, v in msg.hyper.items()},
+        settings=dict(msg.settings),
     )
 
 

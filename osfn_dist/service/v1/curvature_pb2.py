@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17osfn/v1/curvature.proto\x12\x07osfn.v1\"?\n\x0f\x45xchangeRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x1f\n\x06report\x18\x02 \x01(\x0b\x32\x0f.osfn.v1.Report\"\xea\x03\n\x06Report\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x15\n\rbasis_version\x18\x02 \x01(\x03\x12\x13\n\x0bgrad_coords\x18\x03 \x01(\x0c\x12\x13\n\x0bgrad_sqnorm\x18\x04 \x01(\x01\x12\x19\n\x11residual_step_dot\x18\x05 \x01(\x01\x12\x1a\n\x12worker_grad_coords\x18\x06 \x01(\x0c\x12\x13\n\x0bnum_workers\x18\x07 \x01(\r\x12)\n\x05hyper\x18\x08 \x03(\x0b\x32\x1a.osfn.v1.Report.HyperEntry\x12\x1a\n\rsource_coords\x18\t \x01(\x0cH\x00\x88\x01\x01\x12\x1a\n\rsource_sqnorm\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x1c\n\x0fresidual_sqnorm\x18\x0b \x01(\x01H\x02\x88\x01\x01\x12\x1d\n\x10prev_step_coords\x18\x0c \x01(\x0cH\x03\x88\x01\x01\x12\x19\n\x0c\x64rift_coords\x18\r \x01(\x0cH\x04\x88\x01\x01\x1a,\n\nHyperEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x10\n\x0e_source_coordsB\x10\n\x0e_source_sqnormB\x12\n\x10_residual_sqnormB\x13\n\x11_prev_step_coordsB\x0f\n\r_drift_coords\"\x8d\x02\n\x0f\x44irectionUpdate\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x03\x12\x13\n\x0bnew_version\x18\x03 \x01(\x03\x12\x11\n\tstep_coef\x18\x04 \x01(\x0c\x12\x15\n\x08rotation\x18\x05 \x01(\x0cH\x00\x88\x01\x01\x12\x1a\n\rresidual_coef\x18\x06 \x01(\x0cH\x01\x88\x01\x01\x12\x18\n\x10reorthonormalize\x18\x07 \x01(\x08\x12)\n\x0b\x64iagnostics\x18\x08 \x01(\x0b\x32\x14.osfn.v1.Diagnostics\x12\x17\n\x0f\x63omplement_keep\x18\t \x01(\x01\x42\x0b\n\t_rotationB\x10\n\x0e_residual_coef\"\xf9\x02\n\x0b\x44iagnostics\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x15\n\rbasis_version\x18\x02 \x01(\x03\x12\x13\n\x0b\x65igenvalues\x18\x03 \x01(\x0c\x12\x1a\n\x12negative_curvature\x18\x04 \x01(\r\x12\x1a\n\x12rotation_angle_deg\x18\x05 \x01(\x01\x12\x1a\n\x12subspace_step_norm\x18\x06 \x01(\x01\x12\x1b\n\x13regression_residual\x18\x07 \x01(\x01\x12\x13\n\x0bnoise_ratio\x18\x08 \x01(\x01\x12\x16\n\x0e\x65igh_fallbacks\x18\t \x01(\x04\x12\x18\n\x10\x61live_directions\x18\n \x01(\r\x12\x1a\n\x12used_eigh_fallback\x18\x0b \x01(\x08\x12.\n\x05\x65xtra\x18\x0c \x03(\x0b\x32\x1f.osfn.v1.Diagnostics.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1e\n\x0fGetStateRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"8\n\x11WatchStateRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x16\n\x0emin_interval_s\x18\x02 \x01(\x01\"\xf3\x02\n\x0e\x43urvatureState\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x15\n\rbasis_version\x18\x03 \x01(\x03\x12\x14\n\x0csubspace_dim\x18\x04 \x01(\r\x12\x13\n\x0b\x65igenvalues\x18\x05 \x03(\x01\x12\x1a\n\x12negative_curvature\x18\x06 \x01(\r\x12\x11\n\tnoise_var\x18\x07 \x03(\x01\x12\x0e\n\x06\x65nergy\x18\x08 \x03(\x01\x12\x18\n\x10\x61live_directions\x18\t \x01(\r\x12\x16\n\x0e\x65igh_fallbacks\x18\n \x01(\x04\x12\x1a\n\x12rotation_angle_deg\x18\x0b \x01(\x01\x12\x1a\n\x12subspace_step_norm\x18\x0c \x01(\x01\x12\x1b\n\x13regression_residual\x18\r \x01(\x01\x12\x13\n\x0bnoise_ratio\x18\x0e \x01(\x01\x12\x16\n\x0eupdated_unix_s\x18\x0f \x01(\x01\x12\x11\n\texchanges\x18\x10 \x01(\x04\"\x11\n\x0fListJobsRequest\" \n\x10ListJobsResponse\x12\x0c\n\x04jobs\x18\x01 \x03(\t2\x97\x02\n\x10\x43urvatureService\x12>\n\x08\x45xchange\x12\x18.osfn.v1.ExchangeRequest\x1a\x18.osfn.v1.DirectionUpdate\x12=\n\x08GetState\x12\x18.osfn.v1.GetStateRequest\x1a\x17.osfn.v1.CurvatureState\x12\x43\n\nWatchState\x12\x1a.osfn.v1.WatchStateRequest\x1a\x17.osfn.v1.CurvatureState0\x01\x12?\n\x08ListJobs\x12\x18.osfn.v1.ListJobsRequest\x1a\x19.osfn.v1.ListJobsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17osfn/v1/curvature.proto\x12\x07osfn.v1\"?\n\x0f\x45xchangeRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x1f\n\x06report\x18\x02 \x01(\x0b\x32\x0f.osfn.v1.Report\"\xcc\x04\n\x06Report\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x15\n\rbasis_version\x18\x02 \x01(\x03\x12\x13\n\x0bgrad_coords\x18\x03 \x01(\x0c\x12\x13\n\x0bgrad_sqnorm\x18\x04 \x01(\x01\x12\x19\n\x11residual_step_dot\x18\x05 \x01(\x01\x12\x1a\n\x12worker_grad_coords\x18\x06 \x01(\x0c\x12\x13\n\x0bnum_workers\x18\x07 \x01(\r\x12)\n\x05hyper\x18\x08 \x03(\x0b\x32\x1a.osfn.v1.Report.HyperEntry\x12\x1a\n\rsource_coords\x18\t \x01(\x0cH\x00\x88\x01\x01\x12\x1a\n\rsource_sqnorm\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x1c\n\x0fresidual_sqnorm\x18\x0b \x01(\x01H\x02\x88\x01\x01\x12\x1d\n\x10prev_step_coords\x18\x0c \x01(\x0cH\x03\x88\x01\x01\x12\x19\n\x0c\x64rift_coords\x18\r \x01(\x0cH\x04\x88\x01\x01\x12/\n\x08settings\x18\x0e \x03(\x0b\x32\x1d.osfn.v1.Report.SettingsEntry\x1a,\n\nHyperEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a/\n\rSettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x10\n\x0e_source_coordsB\x10\n\x0e_source_sqnormB\x12\n\x10_residual_sqnormB\x13\n\x11_prev_step_coordsB\x0f\n\r_drift_coords\"\x8d\x02\n\x0f\x44irectionUpdate\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x03\x12\x13\n\x0bnew_version\x18\x03 \x01(\x03\x12\x11\n\tstep_coef\x18\x04 \x01(\x0c\x12\x15\n\x08rotation\x18\x05 \x01(\x0cH\x00\x88\x01\x01\x12\x1a\n\rresidual_coef\x18\x06 \x01(\x0cH\x01\x88\x01\x01\x12\x18\n\x10reorthonormalize\x18\x07 \x01(\x08\x12)\n\x0b\x64iagnostics\x18\x08 \x01(\x0b\x32\x14.osfn.v1.Diagnostics\x12\x17\n\x0f\x63omplement_keep\x18\t \x01(\x01\x42\x0b\n\t_rotationB\x10\n\x0e_residual_coef\"\xf9\x02\n\x0b\x44iagnostics\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x15\n\rbasis_version\x18\x02 \x01(\x03\x12\x13\n\x0b\x65igenvalues\x18\x03 \x01(\x0c\x12\x1a\n\x12negative_curvature\x18\x04 \x01(\r\x12\x1a\n\x12rotation_angle_deg\x18\x05 \x01(\x01\x12\x1a\n\x12subspace_step_norm\x18\x06 \x01(\x01\x12\x1b\n\x13regression_residual\x18\x07 \x01(\x01\x12\x13\n\x0bnoise_ratio\x18\x08 \x01(\x01\x12\x16\n\x0e\x65igh_fallbacks\x18\t \x01(\x04\x12\x18\n\x10\x61live_directions\x18\n \x01(\r\x12\x1a\n\x12used_eigh_fallback\x18\x0b \x01(\x08\x12.\n\x05\x65xtra\x18\x0c \x03(\x0b\x32\x1f.osfn.v1.Diagnostics.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1e\n\x0fGetStateRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"8\n\x11WatchStateRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x16\n\x0emin_interval_s\x18\x02 \x01(\x01\"\xf3\x02\n\x0e\x43urvatureState\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x15\n\rbasis_version\x18\x03 \x01(\x03\x12\x14\n\x0csubspace_dim\x18\x04 \x01(\r\x12\x13\n\x0b\x65igenvalues\x18\x05 \x03(\x01\x12\x1a\n\x12negative_curvature\x18\x06 \x01(\r\x12\x11\n\tnoise_var\x18\x07 \x03(\x01\x12\x0e\n\x06\x65nergy\x18\x08 \x03(\x01\x12\x18\n\x10\x61live_directions\x18\t \x01(\r\x12\x16\n\x0e\x65igh_fallbacks\x18\n \x01(\x04\x12\x1a\n\x12rotation_angle_deg\x18\x0b \x01(\x01\x12\x1a\n\x12subspace_step_norm\x18\x0c \x01(\x01\x12\x1b\n\x13regression_residual\x18\r \x01(\x01\x12\x13\n\x0bnoise_ratio\x18\x0e \x01(\x01\x12\x16\n\x0eupdated_unix_s\x18\x0f \x01(\x01\x12\x11\n\texchanges\x18\x10 \x01(\x04\"\x11\n\x0fListJobsRequest\" \n\x10ListJobsResponse\x12\x0c\n\x04jobs\x18\x01 \x03(\t2\x97\x02\n\x10\x43urvatureService\x12>\n\x08\x45xchange\x12\x18.osfn.v1.ExchangeRequest\x1a\x18.osfn.v1.DirectionUpdate\x12=\n\x08GetState\x12\x18.osfn.v1.GetStateRequest\x1a\x17.osfn.v1.CurvatureState\x12\x43\n\nWatchState\x12\x1a.osfn.v1.WatchStateRequest\x1a\x17.osfn.v1.CurvatureState0\x01\x12?\n\x08ListJobs\x12\x18.osfn.v1.ListJobsRequest\x1a\x19.osfn.v1.ListJobsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,30 +33,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REPORT_HYPERENTRY']._loaded_options = None
   _globals['_REPORT_HYPERENTRY']._serialized_options = b'8\001'
+  _globals['_REPORT_SETTINGSENTRY']._loaded_options = None
+  _globals['_REPORT_SETTINGSENTRY']._serialized_options = b'8\001'
   _globals['_DIAGNOSTICS_EXTRAENTRY']._loaded_options = None
   _globals['_DIAGNOSTICS_EXTRAENTRY']._serialized_options = b'8\001'
   _globals['_EXCHANGEREQUEST']._serialized_start=36
   _globals['_EXCHANGEREQUEST']._serialized_end=99
   _globals['_REPORT']._serialized_start=102
-  _globals['_REPORT']._serialized_end=592
-  _globals['_REPORT_HYPERENTRY']._serialized_start=454
-  _globals['_REPORT_HYPERENTRY']._serialized_end=498
-  _globals['_DIRECTIONUPDATE']._serialized_start=595
-  _globals['_DIRECTIONUPDATE']._serialized_end=864
-  _globals['_DIAGNOSTICS']._serialized_start=867
-  _globals['_DIAGNOSTICS']._serialized_end=1244
-  _globals['_DIAGNOSTICS_EXTRAENTRY']._serialized_start=1200
-  _globals['_DIAGNOSTICS_EXTRAENTRY']._serialized_end=1244
-  _globals['_GETSTATEREQUEST']._serialized_start=1246
-  _globals['_GETSTATEREQUEST']._serialized_end=1276
-  _globals['_WATCHSTATEREQUEST']._serialized_start=1278
-  _globals['_WATCHSTATEREQUEST']._serialized_end=1334
-  _globals['_CURVATURESTATE']._serialized_start=1337
-  _globals['_CURVATURESTATE']._serialized_end=1708
-  _globals['_LISTJOBSREQUEST']._serialized_start=1710
-  _globals['_LISTJOBSREQUEST']._serialized_end=1727
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1729
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1761
-  _globals['_CURVATURESERVICE']._serialized_start=1764
-  _globals['_CURVATURESERVICE']._serialized_end=2043
+  _globals['_REPORT']._serialized_end=690
+  _globals['_REPORT_HYPERENTRY']._serialized_start=503
+  _globals['_REPORT_HYPERENTRY']._serialized_end=547
+  _globals['_REPORT_SETTINGSENTRY']._serialized_start=549
+  _globals['_REPORT_SETTINGSENTRY']._serialized_end=596
+  _globals['_DIRECTIONUPDATE']._serialized_start=693
+  _globals['_DIRECTIONUPDATE']._serialized_end=962
+  _globals['_DIAGNOSTICS']._serialized_start=965
+  _globals['_DIAGNOSTICS']._serialized_end=1342
+  _globals['_DIAGNOSTICS_EXTRAENTRY']._serialized_start=1298
+  _globals['_DIAGNOSTICS_EXTRAENTRY']._serialized_end=1342
+  _globals['_GETSTATEREQUEST']._serialized_start=1344
+  _globals['_GETSTATEREQUEST']._serialized_end=1374
+  _globals['_WATCHSTATEREQUEST']._serialized_start=1376
+  _globals['_WATCHSTATEREQUEST']._serialized_end=1432
+  _globals['_CURVATURESTATE']._serialized_start=1435
+  _globals['_CURVATURESTATE']._serialized_end=1806
+  _globals['_LISTJOBSREQUEST']._serialized_start=1808
+  _globals['_LISTJOBSREQUEST']._serialized_end=1825
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1827
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1859
+  _globals['_CURVATURESERVICE']._serialized_start=1862
+  _globals['_CURVATURESERVICE']._serialized_end=2141
 # @@protoc_insertion_point(module_scope)

@@ -15,7 +15,7 @@ class ExchangeRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ..., report: _Optional[_Union[Report, _Mapping]] = ...) -> None: ...
 
 class Report(_message.Message):
-    __slots__ = ("step", "basis_version", "grad_coords", "grad_sqnorm", "residual_step_dot", "worker_grad_coords", "num_workers", "hyper", "source_coords", "source_sqnorm", "residual_sqnorm", "prev_step_coords", "drift_coords")
+    __slots__ = ("step", "basis_version", "grad_coords", "grad_sqnorm", "residual_step_dot", "worker_grad_coords", "num_workers", "hyper", "source_coords", "source_sqnorm", "residual_sqnorm", "prev_step_coords", "drift_coords", "settings")
     class HyperEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,13 @@ class Report(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class SettingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     STEP_FIELD_NUMBER: _ClassVar[int]
     BASIS_VERSION_FIELD_NUMBER: _ClassVar[int]
     GRAD_COORDS_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +43,7 @@ class Report(_message.Message):
     RESIDUAL_SQNORM_FIELD_NUMBER: _ClassVar[int]
     PREV_STEP_COORDS_FIELD_NUMBER: _ClassVar[int]
     DRIFT_COORDS_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
     step: int
     basis_version: int
     grad_coords: bytes
@@ -49,7 +57,8 @@ class Report(_message.Message):
     residual_sqnorm: float
     prev_step_coords: bytes
     drift_coords: bytes
-    def __init__(self, step: _Optional[int] = ..., basis_version: _Optional[int] = ..., grad_coords: _Optional[bytes] = ..., grad_sqnorm: _Optional[float] = ..., residual_step_dot: _Optional[float] = ..., worker_grad_coords: _Optional[bytes] = ..., num_workers: _Optional[int] = ..., hyper: _Optional[_Mapping[str, float]] = ..., source_coords: _Optional[bytes] = ..., source_sqnorm: _Optional[float] = ..., residual_sqnorm: _Optional[float] = ..., prev_step_coords: _Optional[bytes] = ..., drift_coords: _Optional[bytes] = ...) -> None: ...
+    settings: _containers.ScalarMap[str, str]
+    def __init__(self, step: _Optional[int] = ..., basis_version: _Optional[int] = ..., grad_coords: _Optional[bytes] = ..., grad_sqnorm: _Optional[float] = ..., residual_step_dot: _Optional[float] = ..., worker_grad_coords: _Optional[bytes] = ..., num_workers: _Optional[int] = ..., hyper: _Optional[_Mapping[str, float]] = ..., source_coords: _Optional[bytes] = ..., source_sqnorm: _Optional[float] = ..., residual_sqnorm: _Optional[float] = ..., prev_step_coords: _Optional[bytes] = ..., drift_coords: _Optional[bytes] = ..., settings: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class DirectionUpdate(_message.Message):
     __slots__ = ("step", "base_version", "new_version", "step_coef", "rotation", "residual_coef", "reorthonormalize", "diagnostics", "complement_keep")
