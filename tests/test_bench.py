@@ -40,3 +40,24 @@ def test_report_only_rebuilds_from_runs_json(tmp_path, capsys):
     assert main(["bench", "--report-only", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "table.md").exists() and json.loads((tmp_path / "runs.json").read_text())
     assert "AdamW" in capsys.readouterr().out
+
+
+def test_each_osfn_variant_without_a_subspace_is_exactly_its_peer():
+    """Like for like: the OSFN entries run their complement with their peer's hyperparameters,
+    so with subspace_dim=0 they follow the peer's trajectory bit for bit (a model with
+    matrices and vectors: Muon's AdamW-on-vectors half is compared too). Fails if a peer's
+    or an OSFN variant's settings drift apart."""
+    from osfn_dist.bench.peers import OSFN_COMPLEMENTS, OSFN_PEER_OF, PEERS, _osfn
+    from osfn_dist.bench.runner import run_one
+    from osfn_dist.workloads import get_workload
+
+    wl = get_workload("tiny_mlp")
+    assert any(p.ndim == 1 for p in wl.build_model().parameters())
+    for name, peer_name in OSFN_PEER_OF.items():
+        ablated = PEERS[name].__class__(name, _osfn(**OSFN_COMPLEMENTS[name], subspace_dim=0), 1e-2)
+        ours, theirs = (run_one(wl, p, 1e-2, seed=0, steps=15, eval_points=15) for p in (ablated, PEERS[peer_name]))
+        assert ours["curve"] == theirs["curve"], name
+        assert ours["curve"][-1][1] < ours["curve"][0][1]  # it trained
+        # and the subspace is what differs in the real entry
+        full = run_one(wl, PEERS[name], 1e-2, seed=0, steps=15, eval_points=15)
+        assert full["curve"][-1] != theirs["curve"][-1]
