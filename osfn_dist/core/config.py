@@ -33,7 +33,7 @@ class OSFNConfig:
     forgetting: float = 0.05  # beta: weight of the newest sample in the regression EMAs
     newton_lr: float = 0.5  # eta: fraction of the saddle-free Newton step taken
     newton_momentum: float = 0.9  # EMA of subspace gradients the Newton step acts on
-    eig_floor: float = 0.1  # |lambda| floor: largest step per unit gradient is newton_lr/eig_floor
+    eig_floor: float = 1.0  # |lambda| floor: largest step per unit gradient is newton_lr/eig_floor
     trust_radius: float = 1.0  # cap on the norm of the subspace step, in parameter units
     complement_in_subspace: float = 1.0  # 1: the Newton step adds to the complement; 0: replaces it there
     ridge: float = 1e-3  # relative ridge on the position covariance

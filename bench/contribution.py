@@ -1,0 +1,82 @@
+"""What the subspace Newton step adds to its complement, like for like.
+
+For each OSFN variant and workload: the variant with the subspace switched off
+(``subspace_dim=0``, which *is* its peer, bit for bit: tests/test_bench.py) against the full
+method at a few eigenvalue floors, all at one learning rate (the peer's tuned rate from the
+standard benchmark), the complement's hyperparameters equal to the peer's. Final full-train
+loss after ``--steps``, mean over seeds; a negative change means the Newton step helped.
+
+    python bench/contribution.py                 # 4 workloads x 2 complements, ~3 min on 2 cores
+    python bench/contribution.py --floors 0.1 1 --workloads deep_linear
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import time
+
+# the peer's best rate in bench-results/standard.md (the OSFN variant's grid shares its centre)
+PEER_LR = {
+    "osfn": {"mnist1d_mlp": 1e-2, "mnist1d_cnn": 1e-2, "digits_autoencoder": 3.16e-3, "deep_linear": 3.16e-2},
+    "osfn_muon": {"mnist1d_mlp": 1.58e-2, "mnist1d_cnn": 1.58e-2, "digits_autoencoder": 1.58e-2, "deep_linear": 1.58e-2},
+}
+
+
+def _run(job):
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)  # two single-threaded runs at once beat one two-threaded on 2 cores
+    from osfn_dist.bench.peers import OSFN_COMPLEMENTS, Peer, _osfn
+    from osfn_dist.bench.runner import run_one
+    from osfn_dist.workloads import get_workload
+
+    variant, workload, extra, seed, steps = job
+    lr = PEER_LR[variant][workload]
+    peer = Peer(variant, _osfn(**{**OSFN_COMPLEMENTS[variant], **extra}), lr)
+    return job, run_one(get_workload(workload), peer, lr, seed, steps)["final_train_loss"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", nargs="+", default=list(PEER_LR), choices=list(PEER_LR))
+    ap.add_argument("--workloads", nargs="+", default=list(PEER_LR["osfn"]))
+    ap.add_argument("--floors", nargs="+", type=float, default=[0.1, 1.0])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--procs", type=int, default=2)
+    args = ap.parse_args(argv)
+    configs = [("off (d=0) = peer", {"subspace_dim": 0})] + [(f"eig_floor {f:g}", {"eig_floor": f}) for f in args.floors]
+    jobs = [
+        (v, w, extra, s, args.steps)
+        for v in args.variants for w in args.workloads for _, extra in configs for s in range(args.seeds)
+    ]
+    t0 = time.time()
+    with mp.get_context("spawn").Pool(args.procs) as pool:
+        results = {}
+        for i, (job, loss) in enumerate(pool.imap_unordered(_run, jobs), 1):
+            v, w, extra, s, _ = job
+            results[(v, w, tuple(sorted(extra.items())), s)] = loss
+            print(f"\r{i}/{len(jobs)} runs, {time.time() - t0:.0f} s", end="", flush=True)
+    print()
+    for v in args.variants:
+        print(f"\n{v} (complement = {'AdamW' if v == 'osfn' else 'Muon'} with its peer's settings), "
+              f"final train loss, mean of {args.seeds} seeds, {args.steps} steps\n")
+        print("| workload (lr) | " + " | ".join(name for name, _ in configs) + " |")
+        print("|---|" + "---|" * len(configs))
+        for w in args.workloads:
+            means = [
+                statistics.mean(results[(v, w, tuple(sorted(extra.items())), s)] for s in range(args.seeds))
+                for _, extra in configs
+            ]
+            cells = [f"{means[0]:.4g}"] + [f"{m:.4g} ({100 * (m / means[0] - 1):+.0f}%)" for m in means[1:]]
+            print(f"| {w} ({PEER_LR[v][w]:g}) | " + " | ".join(cells) + " |")
+    print(f"\n{len(jobs)} runs in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
