@@ -64,7 +64,7 @@ def test_two_ray_workers_match_the_single_process_run(base_run, tmp_path):
     assert all(w["samples_per_second"] > 0 and w["steps"] == STEPS for w in summary["worker_throughput"])
     assert 0 < summary["actor_bytes_per_step"] < 8192
     assert summary["actor"]["step"] == STEPS and summary["restarts"] == []
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "checkpoint.pt"):
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "curvature.png", "checkpoint.pt"):
         assert (run_dir / name).exists(), name
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["num_workers"] == 2 and "actor_bytes_per_step" in on_disk

@@ -18,6 +18,8 @@ def test_local_run_writes_the_run_directory(tmp_path, capsys):
     assert [r["step"] for r in records] == list(range(10, 41, 10))  # log_every 10
     assert records[-1]["loss"] < records[0]["loss"] * 1.5 and "eigenvalues" in records[-1]
     assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run_dir / "curvature.png").read_bytes()[:4] == b"\x89PNG"  # eigenvalues and step norms
+    assert records[-1]["complement_step_norm"] > 0
     assert (run_dir / "config.yaml").exists() and (run_dir / "checkpoint.pt").exists()
     assert json.loads(capsys.readouterr().out)["run_dir"] == str(run_dir)
 
@@ -33,3 +35,10 @@ def test_unknown_workload_is_a_clear_error_not_a_traceback(tmp_path, capsys):
 def test_invalid_hyperparameter_from_the_command_line(capsys):
     assert main(["train", "--backend", "local", "--lr", "-1"]) == 2
     assert "lr=-1.0" in capsys.readouterr().err
+
+
+def test_a_run_without_a_curvature_model_writes_no_curvature_plot(tmp_path, capsys):
+    run_dir = tmp_path / "adamw"
+    assert main(["train", "--backend", "local", "--workload", "tiny_mlp", "--steps", "20", "--optimizer", "adamw",
+                 "--run-dir", str(run_dir), "--no-progress"]) == 0
+    assert (run_dir / "loss.png").exists() and not (run_dir / "curvature.png").exists()

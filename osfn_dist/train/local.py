@@ -8,7 +8,7 @@ import torch
 from ..workloads import get_workload
 from .config import TrainConfig
 from .optimizers import build_optimizer
-from .rundir import RunDir, default_run_dir
+from .rundir import LOGGED_DIAGNOSTICS, RunDir, default_run_dir
 
 
 def progress(total: int, desc: str, enabled: bool = True):
@@ -51,7 +51,7 @@ def train_local(cfg: TrainConfig, show_progress: bool = True, metrics=None) -> d
             record = {"step": step, "loss": loss_value, "step_seconds": dt, "samples_per_second": x.shape[0] / dt}
             if step % eval_every == 0 or step == steps:
                 record["test_loss"] = workload.evaluate(model)
-            for key in ("negative_curvature", "rotation_angle_deg", "subspace_step_norm", "skipped_steps", "eigenvalues"):
+            for key in LOGGED_DIAGNOSTICS:
                 if key in diag:
                     record[key] = diag[key]
             run.log(record)

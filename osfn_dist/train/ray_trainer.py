@@ -1,7 +1,7 @@
 """``osfn-dist train`` on Ray Train: the driver.
 
 It resolves the config, writes the run directory (config.yaml, metrics.jsonl, summary.json,
-loss.png, checkpoint.pt — as the single-process run — plus per-worker throughput and the
+loss.png, curvature.png, checkpoint.pt — as the single-process run — plus per-worker throughput and the
 actor traffic), connects to Ray (``--address``/``RAY_ADDRESS``, else an in-process local
 Ray), starts the curvature actor and a run-log actor (both ``num_cpus=0``, owned by this
 driver and killed at the end), runs a ``TorchTrainer`` with ``ray_worker.train_loop_per_worker``

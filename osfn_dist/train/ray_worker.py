@@ -30,6 +30,7 @@ from ..core.errors import CurvatureServiceUnavailable
 from ..workloads import get_workload
 from .config import TrainConfig
 from .optimizers import build_optimizer
+from .rundir import LOGGED_DIAGNOSTICS
 from .ray_checkpoint import (
     checkpoint_dir_name,
     load_state,
@@ -37,10 +38,6 @@ from .ray_checkpoint import (
     save_shard_state,
 )
 
-LOGGED_DIAGNOSTICS = (
-    "negative_curvature", "rotation_angle_deg", "subspace_step_norm", "skipped_steps", "eigenvalues",
-    "basis_version", "noise_ratio", "stale_by",
-)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
