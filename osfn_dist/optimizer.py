@@ -96,6 +96,7 @@ class OSFN(Optimizer):
         # θ (flat) right after the last exchange, taken by the first complement-only step
         # after it (curvature_every > 1): the drift since then is θ − anchor
         self._anchor: torch.Tensor | None = None
+        self._pair: torch.Tensor | None = None  # see _pair_buffer
         self._steps = 0
         self._skipped = 0
         self._last: dict = {}
@@ -145,7 +146,18 @@ class OSFN(Optimizer):
         hyper["step_scale"] = float(g0["lr"] / initial) if initial else 1.0
         return hyper
 
-    def _subspace_source(self, params, has_grad, dtype) -> torch.Tensor | None:
+    def _pair_buffer(self, basis: torch.Tensor | None) -> torch.Tensor | None:
+        """A reusable (2, D) buffer for the flat gradient and the flat subspace source, so both
+        are projected in one pass over V (replicated basis only; not part of the state)."""
+        if basis is None or self._layout.sharded:
+            return None
+        shape = (2, basis.shape[0])
+        buf = self._pair
+        if buf is None or buf.shape != shape or buf.dtype != basis.dtype or buf.device != basis.device:
+            buf = self._pair = torch.empty(shape, dtype=basis.dtype, device=basis.device)
+        return buf
+
+    def _subspace_source(self, params, has_grad, dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """The complement's momentum (AdamW exp_avg or the momentum buffer) as one flat
         vector: a noise-averaged gradient at no extra memory. None: use the gradient (the
         first step, plain SGD, or subspace_source='gradient')."""
@@ -160,7 +172,7 @@ class OSFN(Optimizer):
                     return None
                 buf = torch.zeros_like(p)
             parts.append(buf.reshape(-1).to(dtype))
-        return torch.cat(parts)
+        return torch.cat(parts, out=out) if out is not None else torch.cat(parts)
 
     def _complement_displacement(self, params, groups, has_grad, basis) -> torch.Tensor:
         """Advance the complement optimizer; its displacement p (θ_new = θ − p) as one flat vector."""
@@ -197,7 +209,10 @@ class OSFN(Optimizer):
         if self.gradient_sync is not None:
             # Average before the finiteness check so every rank takes the same decision.
             basis = self._ensure_basis(params) if self.subspace_dim else None
-            grad = flat_gradient(params, basis.dtype if basis is not None else torch.float32)
+            pair = self._pair_buffer(basis)
+            grad = flat_gradient(
+                params, basis.dtype if basis is not None else torch.float32, out=None if pair is None else pair[0]
+            )
             if basis is not None and self._layout.sharded:
                 worker_coords = self._layout.sync_gradient(grad, basis)  # also averages grad
             else:
@@ -240,9 +255,10 @@ class OSFN(Optimizer):
             return loss
 
         # collect
+        pair = self._pair_buffer(basis)
         if self.gradient_sync is None:
-            grad = flat_gradient(params, basis.dtype)
-        source = self._subspace_source(params, has_grad, basis.dtype)
+            grad = flat_gradient(params, basis.dtype, out=None if pair is None else pair[0])
+        source = self._subspace_source(params, has_grad, basis.dtype, out=None if pair is None else pair[1])
         # exact residual norms matter only while directions are being filled
         exact = self._last.get("alive_directions", 0) < self.subspace_dim
         report, coords, residual = build_report(
@@ -251,6 +267,7 @@ class OSFN(Optimizer):
             drift=None if self._anchor is None else _flat(params, basis.dtype).sub_(self._anchor),
             layout=self._shard_layout, exact_residual=exact,
             settings={k: getattr(self.config, k) for k in FIXED_SETTINGS},
+            pair=pair,
         )
         # exchange
         update = self.exchange.exchange(report)

@@ -25,6 +25,34 @@ def project(basis: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
     return basis.T @ vec.to(basis.dtype)
 
 
+def right_multiply_(basis: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """V ← V m in place, for a direction-major V (D, d) and m (d, d), slice by slice through a
+    scratch of at most 1/64 of V. A fresh (d, D) result would cost a second basis in memory
+    at the peak and, on CPU, page faults on every call: the in-place form was 2.2× faster at
+    1M parameters (bench/step_time.py)."""
+    vt = basis.T  # (d, D), contiguous
+    m_t = m.to(device=vt.device, dtype=vt.dtype).T.contiguous()
+    d, total = vt.shape
+    if total == 0 or d == 0:
+        return basis
+    chunk = min(total, max(1 << 18, -(-total // 64)))
+    scratch = torch.empty(d, chunk, dtype=vt.dtype, device=vt.device)
+    for start in range(0, total, chunk):
+        block = vt[:, start : start + chunk]
+        n = block.shape[1]
+        torch.mm(m_t, block, out=scratch[:, :n])
+        block.copy_(scratch[:, :n])
+    return basis
+
+
+def project_pair(basis: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vᵀa and Vᵀb in one pass over V: ``rows`` (2, D) holds a and b contiguously. One GEMM
+    reads V once instead of twice (CPU: ~1.5× faster than two matrix-vector products,
+    bench/step_time.py)."""
+    both = basis.T @ rows.to(basis.dtype).T  # (d, 2)
+    return both[:, 0], both[:, 1]
+
+
 def apply_basis_update(
     basis: torch.Tensor,
     residual: torch.Tensor,
@@ -38,7 +66,7 @@ def apply_basis_update(
     residual_coef c (d,) or None.
     """
     if rotation is not None:
-        basis = (rotation.to(basis.dtype).T @ as_basis_layout(basis).T).T  # stays direction-major
+        basis = right_multiply_(as_basis_layout(basis), rotation)
     if residual_coef is not None:
         # rank-1 update as a (d,1)×(1,D) GEMM on the contiguous transpose: CPU BLAS does this
         # ~10× faster than addr_
@@ -78,7 +106,7 @@ def cholesky_qr2(basis: torch.Tensor, alive: torch.Tensor | None = None, allredu
             break
         eye = torch.eye(len(cols), dtype=torch.float64, device=chol.device)  # on the GPU with V
         inv = torch.linalg.solve_triangular(chol.T, eye, upper=True)
-        sub = (inv.to(device=sub.device, dtype=basis.dtype).T @ as_basis_layout(sub).T).T
+        sub = right_multiply_(as_basis_layout(sub), inv)
     if everything:
         return as_basis_layout(sub)
     basis.index_copy_(1, cols, sub)

@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import torch
 
-from ..core.subspace import project
+from ..core.subspace import project, project_pair
 from .messages import Report
 
 
-def flat_gradient(params: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """All gradients as one (D,) vector; a parameter without a gradient contributes zeros."""
+def flat_gradient(params: list[torch.Tensor], dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """All gradients as one (D,) vector; a parameter without a gradient contributes zeros.
+    ``out``: a (D,) tensor to write into (a row of the optimizer's reusable buffer)."""
     parts = [
         (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype) for p in params
     ]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+    if not parts:
+        return torch.zeros(0, dtype=dtype)
+    return torch.cat(parts, out=out) if out is not None else torch.cat(parts)
 
 
 def build_report(
@@ -29,6 +32,7 @@ def build_report(
     exact_residual: bool = True,
     drift: torch.Tensor | None = None,
     settings: dict | None = None,
+    pair: torch.Tensor | None = None,
 ) -> tuple[Report, torch.Tensor, torch.Tensor | None]:
     """Returns the report, y = Vᵀg and the residual r = u − V Vᵀu of the vector u the
     subspace turns toward (``source``; default the gradient). y and r stay on the worker's
@@ -36,13 +40,17 @@ def build_report(
     holds this worker's rows and r only those rows. ``exact_residual=False`` (replicated
     basis only) skips forming r here: r is None and its norm is left to the service, which is
     accurate unless the subspace holds nearly all of u — the optimizer asks for the exact
-    norm while directions are still being filled."""
+    norm while directions are still being filled. ``pair``: a (2, D) tensor whose rows are
+    ``grad`` and ``source``, so both projections take one pass over V."""
     if layout is None and not exact_residual:
         # the residual is formed after the exchange (apply.combine_steps) and its norm derived
-        # as ‖u‖² − ‖Vᵀu‖². Two matrix-vector products, not one product with a (D, 2) stack:
-        # CPU BLAS runs the gemv path several times faster (bench/step_time.py).
-        coords = project(basis, grad)
-        src_coords = coords if source is None else project(basis, source)
+        # as ‖u‖² − ‖Vᵀu‖². When g and u are the two rows of one (2, D) buffer, both
+        # projections take one pass over V.
+        if pair is not None and source is not None:
+            coords, src_coords = project_pair(basis, pair)
+        else:
+            coords = project(basis, grad)
+            src_coords = coords if source is None else project(basis, source)
         residual = None
     else:
         proj = project if layout is None else layout.project
