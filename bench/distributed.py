@@ -92,8 +92,11 @@ def run_one(size: str, variant: str, steps: int, out_dir: Path, workers: int) ->
     return summary
 
 
-def optimizer_step_ms(size: str, name: str, repeats: int = 8) -> float:
-    """opt.step() alone in one process on one thread: the optimizer's own D-sized cost."""
+def optimizer_step_ms(size: str, name: str, repeats: int = 10, warmup: int = 20) -> float:
+    """opt.step() alone in one process on one thread: the optimizer's own D-sized cost, in
+    the steady state (after ``warmup`` steps: the subspace fills one direction per step with
+    an exact residual and a re-orthonormalisation each time, which costs several times a
+    steady step and made an 8-step median swing by 2× between runs)."""
     import statistics
 
     from osfn_dist.train.optimizers import build_optimizer
@@ -106,12 +109,12 @@ def optimizer_step_ms(size: str, name: str, repeats: int = 8) -> float:
         opt = build_optimizer(model.parameters(), dict(VARIANTS["osfn" if name == "osfn" else "adamw (DDP)"][0]))
         x, y = workload.train
         times = []
-        for i in range(repeats + 3):
+        for i in range(repeats + warmup):
             opt.zero_grad(set_to_none=True)
             workload.loss_fn(model(x[:32]), y[:32]).backward()
             t0 = time.perf_counter()
             opt.step()
-            if i >= 3:
+            if i >= warmup:
                 times.append(time.perf_counter() - t0)
         return 1e3 * statistics.median(times)
     finally:
