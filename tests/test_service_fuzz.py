@@ -286,3 +286,22 @@ def test_the_plain_service_rejects_malformed_reports_before_mutating():
 
     check()
     assert _same(before, service.state_dict())
+
+
+def test_live_hyperparameters_are_checked_on_every_change_not_just_once():
+    """The service skips re-validating the live hyperparameters when they repeat the last
+    accepted ones; a changed, invalid value must still be refused (and a valid change taken)."""
+    import dataclasses
+
+    service = CurvatureService(OSFNConfig(subspace_dim=D))
+    good = {"forgetting": 0.05, "newton_lr": 0.5, "noise_damping": True, "step_scale": 1.0}
+    version = 0
+    for step in (1, 2):
+        version = service.exchange(dataclasses.replace(_valid_report(step, version), hyper=dict(good))).new_version
+    for bad in ({**good, "forgetting": -1.0}, {**good, "noise_damping": 1}, {**good, "step_scale": float("nan")}):
+        before = service.state_dict()
+        with pytest.raises(ConfigError):
+            service.exchange(dataclasses.replace(_valid_report(3, version), hyper=bad))
+        assert _same(before, service.state_dict())
+    changed = {**good, "newton_lr": 0.25}
+    assert service.exchange(dataclasses.replace(_valid_report(3, version), hyper=changed)).step == 3

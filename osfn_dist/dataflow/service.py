@@ -202,6 +202,12 @@ class CurvatureService:
         counter moved) or silently poison the statistics (forgetting=NaN)."""
         if not hyper:
             return
+        try:
+            key = tuple(sorted((k, type(v).__name__, v) for k, v in hyper.items()))
+        except TypeError:  # unhashable or unorderable values: validate (and reject) below
+            key = None
+        if key is not None and key == getattr(self, "_valid_hyper", None):
+            return  # the same values as the last accepted report (every step, usually)
         scale = hyper.get("step_scale", 1.0)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
             raise ConfigError(f"report carries step_scale={scale!r}; it must be a finite float >= 0")
@@ -209,6 +215,7 @@ class CurvatureService:
             OSFNConfig(**{**self.config.as_dict(), **{k: v for k, v in hyper.items() if k != "step_scale"}})
         except (ConfigError, TypeError) as exc:
             raise ConfigError(f"report carries an invalid live hyperparameter: {exc}") from None
+        self._valid_hyper = key
 
     def _exchange(self, report: Report) -> DirectionUpdate:
         y = self._validate(report)
