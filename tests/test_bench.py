@@ -51,13 +51,14 @@ def test_each_osfn_variant_without_a_subspace_is_exactly_its_peer():
     from osfn_dist.bench.runner import run_one
     from osfn_dist.workloads import get_workload
 
-    wl = get_workload("tiny_mlp")
-    assert any(p.ndim == 1 for p in wl.build_model().parameters())
-    for name, peer_name in OSFN_PEER_OF.items():
-        ablated = PEERS[name].__class__(name, _osfn(**OSFN_COMPLEMENTS[name], subspace_dim=0), 1e-2)
-        ours, theirs = (run_one(wl, p, 1e-2, seed=0, steps=15, eval_points=15) for p in (ablated, PEERS[peer_name]))
-        assert ours["curve"] == theirs["curve"], name
-        assert ours["curve"][-1][1] < ours["curve"][0][1]  # it trained
-        # and the subspace is what differs in the real entry
-        full = run_one(wl, PEERS[name], 1e-2, seed=0, steps=15, eval_points=15)
-        assert full["curve"][-1] != theirs["curve"][-1]
+    for workload in ("tiny_mlp", "mnist1d_cnn"):  # vectors and matrices; conv kernels
+        wl = get_workload(workload)
+        assert any(p.ndim == 1 for p in wl.build_model().parameters())
+        for name, peer_name in OSFN_PEER_OF.items():
+            ablated = PEERS[name].__class__(name, _osfn(**OSFN_COMPLEMENTS[name], subspace_dim=0), 1e-2)
+            ours, theirs = (run_one(wl, p, 1e-2, seed=0, steps=15, eval_points=15) for p in (ablated, PEERS[peer_name]))
+            assert ours["curve"] == theirs["curve"], (workload, name)
+            assert ours["curve"][-1][1] < ours["curve"][0][1]  # it trained
+            # and the subspace is what differs in the real entry
+            full = run_one(wl, PEERS[name], 1e-2, seed=0, steps=15, eval_points=15)
+            assert full["curve"][-1] != theirs["curve"][-1]

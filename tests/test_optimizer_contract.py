@@ -283,6 +283,7 @@ INVALID = {
     "newton_warmup": -1,
     "eigen_method": "lapack",
     "noise_damping": "yes",
+    "muon_conv": 1,
     "nonfinite": "ignore",
 }
 

@@ -86,10 +86,10 @@ def _pytorch_optimizer(name):
 
 # The complement hyperparameters of each OSFN variant = its peer's (torch defaults): AdamW's
 # weight_decay 0.01; Muon's momentum 0.95, weight_decay 0.1, and the AdamW at 3e-3 that the
-# Muon peer runs on vectors (OSFN's aux_lr).
+# Muon peer runs on vectors and conv kernels (OSFN's aux_lr, muon_conv=False).
 OSFN_COMPLEMENTS = {
     "osfn": dict(weight_decay=0.01),
-    "osfn_muon": dict(complement="muon", momentum=0.95, weight_decay=0.1, aux_lr=3e-3),
+    "osfn_muon": dict(complement="muon", momentum=0.95, weight_decay=0.1, aux_lr=3e-3, muon_conv=False),
 }
 # which peer each OSFN variant is compared with
 OSFN_PEER_OF = {"osfn": "adamw", "osfn_muon": "muon"}

@@ -26,7 +26,10 @@ MUON_EPS = 1e-7
 
 
 def uses_muon(param: torch.Tensor, group: dict) -> bool:
-    return group["complement"] == "muon" and param.ndim >= 2
+    """Muon for 2-D matrices, and for conv kernels (flattened) unless ``muon_conv`` is off."""
+    if group["complement"] != "muon" or param.ndim < 2:
+        return False
+    return param.ndim == 2 or group.get("muon_conv", True)
 
 
 def direction(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> tuple:

@@ -28,6 +28,9 @@ class OSFNConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     aux_lr: float = 3e-4  # AdamW lr for non-matrix params when complement == "muon"
+    # complement "muon": also orthogonalise conv kernels (> 2-D, flattened to (out, rest));
+    # False sends them to the AdamW at aux_lr, as torch.optim.Muon (2-D only) makes you do
+    muon_conv: bool = True
     # --- subspace curvature model: global (group 0) ---
     subspace_dim: int = 8
     forgetting: float = 0.05  # beta: weight of the newest sample in the regression EMAs
@@ -117,4 +120,5 @@ class OSFNConfig:
         )
         need("eigen_method", self.eigen_method in EIGEN_METHODS, f"one of {EIGEN_METHODS}")
         need("noise_damping", isinstance(self.noise_damping, bool), "True or False")
+        need("muon_conv", isinstance(self.muon_conv, bool), "True or False")
         need("nonfinite", self.nonfinite in NONFINITE_POLICIES, f"one of {NONFINITE_POLICIES}")
