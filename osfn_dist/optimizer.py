@@ -148,7 +148,9 @@ class OSFN(Optimizer):
 
     def _pair_buffer(self, basis: torch.Tensor | None) -> torch.Tensor | None:
         """A reusable (2, D) buffer for the flat gradient and the flat subspace source, so both
-        are projected in one pass over V (replicated basis only; not part of the state)."""
+        are projected in one pass over V (replicated basis only; not part of the state). It
+        keeps 2·D floats between steps that used to be allocated and freed within each step
+        (a caching GPU allocator keeps them reserved either way)."""
         if basis is None or self._layout.sharded:
             return None
         shape = (2, basis.shape[0])
