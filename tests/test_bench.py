@@ -20,6 +20,7 @@ def test_bench_runs_equal_grids_and_reports(tmp_path):
     assert table["tiny_mlp"]["adamw"]["step_time_vs_adamw"] == 1.0
     assert (tmp_path / "b" / "curves.png").stat().st_size > 1000
     assert "| OSFN (AdamW complement)" in (tmp_path / "b" / "table.md").read_text()
+    assert "peak MB" in (tmp_path / "b" / "table.md").read_text() and row["peak_rss_bytes"] > 0
 
 
 def test_diverged_runs_are_reported_not_crashed():
@@ -62,3 +63,19 @@ def test_each_osfn_variant_without_a_subspace_is_exactly_its_peer():
             # and the subspace is what differs in the real entry
             full = run_one(wl, PEERS[name], 1e-2, seed=0, steps=15, eval_points=15)
             assert full["curve"][-1] != theirs["curve"][-1]
+
+
+def test_peak_memory_is_measured_per_run():
+    """The bench's peak-MB column: the kernel's peak-RSS mark is reset before each run, so a
+    64 MiB allocation shows up as ~64 MiB, and a run that allocates nothing shows ~0."""
+    import torch
+
+    from osfn_dist.bench.runner import peak_rss, reset_peak_rss
+
+    base = reset_peak_rss()
+    big = torch.ones(16 * 2**20)  # 64 MiB, touched
+    del big
+    grown = peak_rss() - base
+    assert 60 * 2**20 <= grown <= 100 * 2**20
+    base = reset_peak_rss()
+    assert peak_rss() - base < 16 * 2**20  # the mark was reset, not carried over

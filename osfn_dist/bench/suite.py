@@ -112,6 +112,9 @@ def summarize(runs: list[dict]) -> dict:
                 "test_std": _std(tests),
                 "step_seconds": statistics.median(r["step_seconds"] for r in mine),
                 "state_bytes": max(r["state_bytes"] for r in chosen),
+                "peak_rss_bytes": max(
+                    (r["peak_rss_bytes"] for r in chosen if r.get("peak_rss_bytes") is not None), default=None
+                ),
                 "params": chosen[0]["params"],
                 "curve": _mean_curve(chosen) if all(math.isfinite(f) for f in finals) else [],
                 "diverged_runs": sum(r["diverged"] for r in mine),
@@ -137,19 +140,24 @@ def markdown(table: dict, labels: dict[str, str] | None = None) -> str:
         target = next(iter(rows.values())).get("target_loss")
         lines.append(f"#### {w} ({params:,} parameters; AdamW's best train loss {target:.4g})" if target else f"#### {w}")
         lines.append("")
-        lines.append("| optimizer | lr | final train loss | test loss | steps to AdamW's best | s to AdamW's best | step time vs AdamW | state MB |")
-        lines.append("|---|---|---|---|---|---|---|---|")
+        lines.append(
+            "| optimizer | lr | final train loss | test loss | steps to AdamW's best | s to AdamW's best "
+            "| step time vs AdamW | state MB | peak MB |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         order = sorted(rows, key=lambda o: rows[o]["final_train_mean"])
         for o in order:
             r = rows[o]
             steps = r.get("steps_to_adamw_best")
             secs = r.get("seconds_to_adamw_best")
             diverged = f" ({r['diverged_runs']} runs diverged)" if r["diverged_runs"] else ""
+            peak = r.get("peak_rss_bytes")
+            peak_cell = "—" if peak is None else f"{peak / 2**20:.1f}"
             lines.append(
                 f"| {labels.get(o, o)}{diverged} | {r['lr']:.3g} | {r['final_train_mean']:.4g} ± {r['final_train_std']:.2g} "
                 f"| {r['test_mean']:.4g} ± {r['test_std']:.2g} | {steps if steps is not None else '—'} "
                 f"| {f'{secs:.2f}' if secs is not None else '—'} | {r.get('step_time_vs_adamw', float('nan')):.2f}× "
-                f"| {r['state_bytes'] / 2**20:.2f} |"
+                f"| {r['state_bytes'] / 2**20:.2f} | {peak_cell} |"
             )
         lines.append("")
     return "\n".join(lines)
