@@ -193,7 +193,7 @@ def test_two_workers_match_single_process_after_50_steps(two_workers, single):
 def test_pipelined_two_workers_match_single_process_pipelined(two_workers, single):
     params, _, _ = two_workers[0]["pipelined"]
     # the stale path amplifies the all-reduce's rounding a little more than the exact one
-    # (2.2e-5 measured with the default eig_floor 0.1); the exact path keeps the 1e-5 bound
+    # (2.2e-5 measured when eig_floor defaulted to 0.1); the exact path keeps the 1e-5 bound
     assert _rel(params, single[1]) < 5e-5
     assert _rel(single[1], single[0]) > 1e-4  # staleness really changes the trajectory
 
