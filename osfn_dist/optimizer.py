@@ -174,7 +174,7 @@ class OSFN(Optimizer):
                     return None
                 buf = torch.zeros_like(p)
             parts.append(buf.reshape(-1).to(dtype))
-        return torch.cat(parts, out=out) if out is not None else torch.cat(parts)
+        return torch.cat(parts, out=out)
 
     def _complement_displacement(self, params, groups, has_grad, basis) -> torch.Tensor:
         """Advance the complement optimizer; its displacement p (θ_new = θ − p) as one flat vector."""

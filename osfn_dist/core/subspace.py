@@ -101,7 +101,7 @@ def cholesky_qr2(basis: torch.Tensor, alive: torch.Tensor | None = None, allredu
             chol = torch.linalg.cholesky(gram)
         except RuntimeError:
             # Nearly dependent columns: fall back to the slow but unconditionally stable QR.
-            q = _qr_keep_orientation(sub.to(torch.float64)) if qr is None else qr(sub.to(torch.float64))
+            q = qr_keep_orientation(sub.to(torch.float64)) if qr is None else qr(sub.to(torch.float64))
             sub = q.to(basis.dtype)
             break
         eye = torch.eye(len(cols), dtype=torch.float64, device=chol.device)  # on the GPU with V
@@ -113,7 +113,7 @@ def cholesky_qr2(basis: torch.Tensor, alive: torch.Tensor | None = None, allredu
     return basis
 
 
-def _qr_keep_orientation(m: torch.Tensor) -> torch.Tensor:
+def qr_keep_orientation(m: torch.Tensor) -> torch.Tensor:
     """Q of m = QR with R's diagonal made non-negative: as CholeskyQR, no column flips its
     sign (Householder QR may), so the curvature service's coordinates keep their meaning."""
     q, r = torch.linalg.qr(m)

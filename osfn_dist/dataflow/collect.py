@@ -15,7 +15,7 @@ def flat_gradient(params: list[torch.Tensor], dtype: torch.dtype, out: torch.Ten
     ]
     if not parts:
         return torch.zeros(0, dtype=dtype)
-    return torch.cat(parts, out=out) if out is not None else torch.cat(parts)
+    return torch.cat(parts, out=out)
 
 
 def build_report(

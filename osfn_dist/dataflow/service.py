@@ -35,6 +35,7 @@ class CurvatureService:
         self.dim = self.config.subspace_dim
         self.allow_stale = allow_stale
         self._lock = threading.Lock()
+        self._valid_hyper = None  # the last accepted live hyperparameters (see _validate_hyper)
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -153,14 +154,12 @@ class CurvatureService:
                 raise DimensionMismatchError(
                     f"report.source_coords must be {d} finite floats with a finite source_sqnorm >= 0"
                 )
-        if report.drift_coords is not None:
-            dc = torch.as_tensor(report.drift_coords, dtype=DTYPE).flatten()
-            if dc.shape[0] != d or not torch.isfinite(dc).all():
-                raise DimensionMismatchError(f"report.drift_coords must be {d} finite floats")
-        if report.prev_step_coords is not None:
-            pc = torch.as_tensor(report.prev_step_coords, dtype=DTYPE).flatten()
-            if pc.shape[0] != d or not torch.isfinite(pc).all():
-                raise DimensionMismatchError(f"report.prev_step_coords must be {d} finite floats")
+        for name in ("drift_coords", "prev_step_coords"):
+            value = getattr(report, name)
+            if value is not None:
+                coords = torch.as_tensor(value, dtype=DTYPE).flatten()
+                if coords.shape[0] != d or not torch.isfinite(coords).all():
+                    raise DimensionMismatchError(f"report.{name} must be {d} finite floats")
         if report.worker_grad_coords is not None:
             w = torch.as_tensor(report.worker_grad_coords, dtype=DTYPE)
             if w.ndim != 2 or w.shape[1] != d or not torch.isfinite(w).all():
@@ -206,7 +205,7 @@ class CurvatureService:
             key = tuple(sorted((k, type(v).__name__, v) for k, v in hyper.items()))
         except TypeError:  # unhashable or unorderable values: validate (and reject) below
             key = None
-        if key is not None and key == getattr(self, "_valid_hyper", None):
+        if key is not None and key == self._valid_hyper:
             return  # the same values as the last accepted report (every step, usually)
         scale = hyper.get("step_scale", 1.0)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:

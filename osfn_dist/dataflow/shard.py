@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.errors import DimensionMismatchError
-from ..core.subspace import project
+from ..core.subspace import project, qr_keep_orientation
 from .distributed import _backend_device
 
 
@@ -146,10 +146,8 @@ class ShardedBasis:
         buf = self._on_backend(r_local.contiguous())
         gathered = [torch.empty_like(buf) for _ in range(self.world)]
         dist.all_gather(gathered, buf, group=self.group)
-        q_stack, r = torch.linalg.qr(torch.cat(gathered).to(sub.device))
-        signs = torch.sign(torch.diagonal(r))
-        signs[signs == 0] = 1
-        return q_local @ (q_stack[self.rank * k : (self.rank + 1) * k] * signs)
+        q_stack = qr_keep_orientation(torch.cat(gathered).to(sub.device))
+        return q_local @ q_stack[self.rank * k : (self.rank + 1) * k]
 
     def expand(self, basis: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
         """V c (D,) on every worker."""
