@@ -32,6 +32,25 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+def _running_mean(state: dict, group: dict, steps: int) -> tuple[torch.Tensor | None, float]:
+    """The complement's gradient running mean of one parameter as (buffer, scale): the mean
+    is scale·buffer, after ``steps`` complement steps. AdamW's exp_avg is bias-corrected by
+    its own step count; Muon's buffer is an EMA from zero (mean b/(1 − μᵗ)); SGD's
+    b ← μb + g sums with weights 1, μ, μ², ... (mean b·(1 − μ)/(1 − μᵗ))."""
+    if "exp_avg" in state:
+        t = float(state.get("step", 0))
+        beta1 = group["betas"][0]
+        return state["exp_avg"], (1.0 / (1.0 - beta1**t) if t > 0 and beta1 > 0 else 1.0)
+    buf = state.get("momentum_buffer")
+    if buf is None:
+        return None, 1.0
+    mu, t = group["momentum"], max(steps, 1)
+    if not 0 < mu < 1:
+        return buf, 1.0
+    ema = group["complement"] == "muon"
+    return buf, (1.0 if ema else 1.0 - mu) / (1.0 - mu**t)
+
+
 class OSFN(Optimizer):
     r"""Online saddle-free Newton (OSFN).
 
@@ -160,20 +179,30 @@ class OSFN(Optimizer):
         return buf
 
     def _subspace_source(self, params, has_grad, dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The complement's momentum (AdamW exp_avg or the momentum buffer) as one flat
-        vector: a noise-averaged gradient at no extra memory. None: use the gradient (the
-        first step, plain SGD, or subspace_source='gradient')."""
-        if self.param_groups[0]["subspace_source"] != "momentum":
+        """The vector the subspace turns toward, as one flat vector (None: the gradient).
+
+        ``momentum``: the complement's momentum (AdamW exp_avg or the momentum buffer), a
+        noise-averaged gradient at no extra memory. ``innovation``: the gradient minus that
+        running mean (read before the complement steps, so it is m_{t−1}, bias-corrected):
+        ≈ H (θ − θ̄) plus noise, a curvature-weighted signal that gradient PCA lacks
+        (core.basis_rule.explore_update). None on the first step, for plain SGD, or with
+        subspace_source='gradient'."""
+        kind = self.param_groups[0]["subspace_source"]
+        if kind == "gradient":
             return None
         parts = []
-        for p, ok in zip(params, has_grad):
+        for p, group, ok in zip(params, self._group_of(), has_grad):
             st = self.state.get(p, {})
-            buf = st.get("exp_avg", st.get("momentum_buffer"))
+            buf, scale = _running_mean(st, group, self._steps - 1)
             if buf is None:
                 if ok:
                     return None
-                buf = torch.zeros_like(p)
-            parts.append(buf.reshape(-1).to(dtype))
+                buf, scale = torch.zeros_like(p), 1.0
+            flat = buf.reshape(-1).to(dtype)
+            if kind == "innovation":
+                grad = p.grad if ok else torch.zeros_like(p)
+                flat = grad.reshape(-1).to(dtype) - scale * flat
+            parts.append(flat)
         return torch.cat(parts, out=out)
 
     def _complement_displacement(self, params, groups, has_grad, basis) -> torch.Tensor:

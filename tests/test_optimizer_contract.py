@@ -276,6 +276,7 @@ INVALID = {
     "subspace_rule": "pca",
     "subspace_source": "adam",
     "subspace_rate": 2.0,
+    "explorers": 0,
     "replace_every": 0,
     "basis_update_every": 0,
     "reorth_every": 0,

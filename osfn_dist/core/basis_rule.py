@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 
 MIN_RESIDUAL_SHARE = 1e-6
+# "curvature" rule: a residual this many times its running mean means a direction escaped
+ESCAPE_RATIO = 4.0
 
 
 def choose_basis_update(
@@ -52,3 +54,48 @@ def choose_basis_update(
     if "oja" in rule and rate > 0:
         return None, rate * grad_coords / grad_sqnorm, None
     return None, None, None
+
+
+def explore_update(
+    src_eig: torch.Tensor,
+    src_sqnorm: float,
+    curvature: torch.Tensor,
+    eigvecs: torch.Tensor,
+    explorers: int,
+    rate: float,
+) -> torch.Tensor | None:
+    """The ``curvature`` rule once every direction is alive: hold the sharp directions, let
+    only the flattest ones explore.
+
+    Gradient PCA turns V toward gradient *energy*; once the Newton step has flattened a sharp
+    direction its gradient vanishes and V turns away from it, so the direction falls back
+    into the complement and caps its step size again. Here the ``explorers`` eigen-directions
+    of least estimated |λ| (``curvature`` (d,), in the eigen-frame ``eigvecs`` Q (d, d)) take
+    an Oja step toward the source u (``src_eig`` = Qᵀ Vᵀu, ``src_sqnorm`` ‖u‖²); the rest
+    stay where they are however small their gradient is now. With the ``innovation`` source
+    (g − m, the gradient minus its running mean) what the explorers follow is the covariance
+    of gradient changes, ≈ H·Cov(Δθ)·H plus the gradient noise — weighted by curvature, where
+    the gradient itself is weighted by its mean.
+
+    Returns the residual coefficients c (d,) in the current coordinates (V_new = V + r cᵀ),
+    or None.
+    """
+    d = src_eig.shape[0]
+    if d == 0 or src_sqnorm <= 0 or rate <= 0:
+        return None
+    k = min(int(explorers), d)
+    order = torch.argsort(curvature.abs(), stable=True)[:k]
+    coef_eig = torch.zeros(d, dtype=src_eig.dtype)
+    coef_eig[order] = rate * src_eig[order] / src_sqnorm
+    return eigvecs @ coef_eig
+
+
+def capture_direction(slot: int, resid_sq: float, d: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(A, c, born) that put the normalised residual r/‖r‖ in place of eigen-direction
+    ``slot`` (the caller aligns V with the eigenbasis in the same update, so the slot is a
+    column): V_new = V A + r cᵀ with A the identity less that column."""
+    rotation = torch.eye(d, dtype=torch.float64)
+    rotation[slot, slot] = 0.0
+    coef = torch.zeros(d, dtype=torch.float64)
+    coef[slot] = 1.0 / resid_sq**0.5
+    return rotation, coef, slot

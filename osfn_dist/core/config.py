@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, fields
 from .errors import ConfigError
 
 COMPLEMENTS = ("sgd", "momentum", "nesterov", "adamw", "muon")
-SUBSPACE_RULES = ("oja", "replace", "oja+replace")
-SUBSPACE_SOURCES = ("gradient", "momentum")
+SUBSPACE_RULES = ("oja", "replace", "oja+replace", "curvature")
+SUBSPACE_SOURCES = ("gradient", "momentum", "innovation")
 EIGEN_METHODS = ("qr", "eigh")
 NONFINITE_POLICIES = ("skip", "raise")
 
@@ -43,6 +43,9 @@ class OSFNConfig:
     subspace_rule: str = "oja"
     subspace_source: str = "momentum"  # turn V toward the gradient or its momentum average
     subspace_rate: float = 0.1  # Oja rate (gamma)
+    # subspace_rule "curvature": only the `explorers` directions of least estimated |lambda|
+    # turn (Oja toward the source); the others are held, however small their gradient now
+    explorers: int = 2
     replace_every: int = 10
     basis_update_every: int = 1
     reorth_every: int = 16
@@ -109,6 +112,11 @@ class OSFNConfig:
         need("subspace_rule", self.subspace_rule in SUBSPACE_RULES, f"one of {SUBSPACE_RULES}")
         need("subspace_source", self.subspace_source in SUBSPACE_SOURCES, f"one of {SUBSPACE_SOURCES}")
         need("subspace_rate", finite(self.subspace_rate) and 0 <= self.subspace_rate <= 1, "in [0, 1]")
+        need(
+            "explorers",
+            isinstance(self.explorers, int) and not isinstance(self.explorers, bool) and self.explorers >= 1,
+            "an int >= 1",
+        )
         for name in ("replace_every", "basis_update_every", "reorth_every", "curvature_every"):
             v = getattr(self, name)
             need(name, isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1")

@@ -21,6 +21,7 @@ LIVE_HYPERPARAMETERS = (
     "trust_radius",
     "ridge",
     "subspace_rate",
+    "explorers",
     "replace_every",
     "basis_update_every",
     "reorth_every",

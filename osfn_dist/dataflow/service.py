@@ -15,7 +15,7 @@ import threading
 
 import torch
 
-from ..core.basis_rule import choose_basis_update
+from ..core.basis_rule import ESCAPE_RATIO, capture_direction, choose_basis_update, explore_update
 from ..core.config import OSFNConfig
 from ..core.eigen import track_eigenbasis
 from ..core.errors import ConfigError, DimensionMismatchError, VersionMismatchError
@@ -56,6 +56,8 @@ class CurvatureService:
         self.version = 0
         self.updates = 0
         self.eigh_fallbacks = 0
+        self.resid_mean = 0.0  # running mean of ‖u − VVᵀu‖² (the "curvature" rule's capture test)
+        self.captures = 0
         self.last_diagnostics: dict = {}
 
     def state_dict(self) -> dict:
@@ -78,6 +80,8 @@ class CurvatureService:
                     "version": self.version,
                     "updates": self.updates,
                     "eigh_fallbacks": self.eigh_fallbacks,
+                    "resid_mean": self.resid_mean,
+                    "captures": self.captures,
                 },
                 "last_diagnostics": dict(self.last_diagnostics),
             }
@@ -305,14 +309,28 @@ class CurvatureService:
             # Turning V into the Hessian eigenbasis costs the workers a D×d² product, so it
             # happens every reorth_every steps; in between the service steps with Q itself.
             align = self.step % int(h["reorth_every"]) == 0 and not torch.equal(eigvecs, torch.eye(d, dtype=DTYPE))
+            rule = self.config.subspace_rule
+            capture = None
+            if rule == "curvature" and bool(self.alive.all()):
+                capture = self._escaped_direction(resid_sq, src_sq, eigenvalues)
+                align = align or capture is not None  # the replaced eigen-direction must be a column
             frame = eigvecs if align else torch.eye(d, dtype=DTYPE)
             src_f = frame.T @ src
             energy_f = (frame * frame).T @ self.energy
             replace_due = self.step % int(h["replace_every"]) == 0
-            rule_rot, residual_coef, born = choose_basis_update(
-                src_f, src_sq, resid_sq, self.alive, energy_f, self.config.subspace_rule,
-                float(h["subspace_rate"]), replace_due,
-            )
+            if capture is not None:
+                rule_rot, residual_coef, born = capture_direction(capture, resid_sq, d)
+            elif rule == "curvature" and bool(self.alive.all()):
+                rule_rot, born = None, None
+                # the explorers are eigen-directions; c is wanted in the frame's coordinates
+                residual_coef = explore_update(
+                    eigvecs.T @ src, src_sq, eigenvalues, frame.T @ eigvecs, int(h["explorers"]),
+                    float(h["subspace_rate"]),
+                )
+            else:  # filling empty directions is the same for every rule
+                rule_rot, residual_coef, born = choose_basis_update(
+                    src_f, src_sq, resid_sq, self.alive, energy_f, rule, float(h["subspace_rate"]), replace_due,
+                )
             if align or rule_rot is not None:
                 rotation = frame if rule_rot is None else frame @ rule_rot
         transform = rotation.T if rotation is not None else torch.eye(d, dtype=DTYPE)
@@ -349,6 +367,7 @@ class CurvatureService:
             "eigh_fallbacks": self.eigh_fallbacks,
             "alive_directions": int(self.alive.sum()),
             "used_eigh_fallback": fallback,
+            "captures": self.captures,
         }
         return DirectionUpdate(
             step=self.step,
@@ -361,6 +380,25 @@ class CurvatureService:
             reorthonormalize=reorth,
             diagnostics=dict(self.last_diagnostics),
         )
+
+    def _escaped_direction(self, resid_sq: float, src_sq: float, eigenvalues: torch.Tensor) -> int | None:
+        """The eigen-direction to give up when the source's part outside V jumps (a sharp
+        direction left in the complement grows there at the complement's step size), or None.
+
+        A jump is ‖u − VVᵀu‖² above ESCAPE_RATIO × its running mean (the typical level, noise
+        included, so steady noise does not trigger it) and more than half of ‖u‖². The
+        direction given up is the mature one with the least |λ|; directions still gathering
+        their first samples (λ = 0) are kept."""
+        typical = self.resid_mean
+        self.resid_mean = resid_sq if typical <= 0 else typical + 0.1 * (resid_sq - typical)
+        if typical <= 0 or resid_sq <= ESCAPE_RATIO * typical or resid_sq <= 0.5 * src_sq:
+            return None
+        mature = eigenvalues != 0
+        if not bool(mature.any()):
+            return None
+        weakest = torch.where(mature, eigenvalues.abs(), torch.full_like(eigenvalues, float("inf")))
+        self.captures += 1
+        return int(torch.argmin(weakest))
 
     def _carry(self, transform: torch.Tensor) -> None:
         """Re-express every d-sized quantity in the new basis coordinates x' = T x."""

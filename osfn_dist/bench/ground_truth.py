@@ -1,0 +1,127 @@
+"""Ground truth for the curvature model — for benchmarks and tests only, never the step.
+
+What the optimizer estimates from gradients alone, measured against the real Hessian:
+the top-k |λ| eigenpairs (Lanczos on Hessian-vector products, double backward; or the exact
+Hessian on small problems), the principal angles between the basis V and that eigenspace,
+the share of the complement's step that lands in it ("leak"), and the true curvature
+vᵀHv along the optimizer's own eigen-directions next to its fitted eigenvalues.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+
+def lanczos_top(hvp: Callable[[torch.Tensor], torch.Tensor], dim: int, k: int, iters: int | None = None,
+                seed: int = 0, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k eigenpairs of largest |λ| of the symmetric operator ``hvp`` on R^dim.
+
+    Lanczos with full re-orthogonalisation (the vectors are kept: dim × iters floats), then
+    Ritz pairs sorted by |θ|. Returns (eigenvalues (k,), eigenvectors (dim, k))."""
+    m = min(dim, iters or max(3 * k + 20, 40))
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(dim, generator=gen, dtype=dtype)
+    q /= torch.linalg.vector_norm(q)
+    basis = torch.zeros(m, dim, dtype=dtype)
+    alpha = torch.zeros(m, dtype=dtype)
+    beta = torch.zeros(m, dtype=dtype)
+    used = m
+    for j in range(m):
+        basis[j] = q
+        w = hvp(q).to(dtype)
+        alpha[j] = w @ q
+        w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+        w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)  # twice is enough (Kahan–Parlett)
+        b = torch.linalg.vector_norm(w)
+        if j + 1 < m:
+            if b < 1e-10 * max(1.0, float(alpha[: j + 1].abs().max())):
+                used = j + 1  # an invariant subspace: the Ritz values are exact
+                break
+            beta[j] = b
+            q = w / b
+    t = torch.diag(alpha[:used]) + torch.diag(beta[: used - 1], 1) + torch.diag(beta[: used - 1], -1)
+    theta, s = torch.linalg.eigh(t)
+    order = torch.argsort(theta.abs(), descending=True)[:k]
+    return theta[order], basis[:used].T @ s[:, order]
+
+
+def principal_angles_deg(v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Principal angles (degrees, ascending) between span(v) (D, a) and span(u) (D, b)."""
+    if v.shape[1] == 0 or u.shape[1] == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    qv, _ = torch.linalg.qr(v.to(torch.float64))
+    qu, _ = torch.linalg.qr(u.to(torch.float64))
+    cos = torch.linalg.svdvals(qv.T @ qu).clamp(0.0, 1.0)
+    return torch.rad2deg(torch.arccos(cos)).sort().values
+
+
+def leak(step: torch.Tensor, v: torch.Tensor | None, u: torch.Tensor) -> float:
+    """Share of the complement's part of ``step`` (D,) — what lies outside span(v) — that
+    falls in the orthonormal top eigenspace u (D, k): 0 means the sharp directions are
+    held by the subspace; for a random direction it is ≈ k/D."""
+    s = step.to(torch.float64)
+    if v is not None and v.shape[1]:
+        qv, _ = torch.linalg.qr(v.to(torch.float64))
+        s = s - qv @ (qv.T @ s)
+    total = float(s @ s)
+    if total == 0.0:
+        return 0.0
+    inside = u.to(torch.float64).T @ s
+    return float(inside @ inside) / total
+
+
+def model_hvp(model: torch.nn.Module, loss_fn, inputs, targets) -> tuple[Callable, int]:
+    """Hessian-vector products of the full-batch loss at the model's current parameters, on
+    flat vectors (D,), by double backward. Returns (hvp, D)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    dim = sum(p.numel() for p in params)
+
+    def hvp(vec: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            loss = loss_fn(model(inputs), targets)
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dot = flat @ vec.to(flat.dtype)
+            out = torch.autograd.grad(dot, params)
+        return torch.cat([o.reshape(-1) for o in out]).detach().to(torch.float64)
+
+    return hvp, dim
+
+
+def subspace_truth(optimizer, hvp: Callable, dim: int, k: int, step: torch.Tensor | None = None) -> dict:
+    """One row of ground truth for an OSFN optimizer with an in-process curvature service.
+
+    ``step``: the last full displacement θ_after − θ_before (D,), for the leak. Returns
+    max/median principal angle between V (its live directions) and the top-k |λ| eigenspace,
+    the leak, the true top-k eigenvalues, and the optimizer's fitted eigenvalues next to the
+    Rayleigh quotients vᵀHv of its own eigen-directions (V Q)."""
+    evals, evecs = lanczos_top(hvp, dim, k)
+    row = {"true_top": evals.tolist(), "max_angle": float("nan"), "median_angle": float("nan"),
+           "leak": float("nan"), "fitted": [], "rayleigh": []}
+    basis = optimizer.basis
+    if basis is None:
+        return row
+    v = basis.detach().to(torch.float64).cpu()
+    live = torch.linalg.vector_norm(v, dim=0) > 0.5
+    v = v[:, live]
+    ang = principal_angles_deg(v, evecs)
+    if ang.numel():
+        row["max_angle"], row["median_angle"] = float(ang.max()), float(ang.median())
+    if step is not None:
+        row["leak"] = leak(step.detach().cpu(), v, evecs)
+    service = getattr(getattr(optimizer, "exchange", None), "service", None)
+    if service is not None and live.any():
+        q = service.eigvecs[live][:, live]
+        lam = service.eigenvalues[live]
+        dirs = v @ q
+        dirs = dirs / torch.linalg.vector_norm(dirs, dim=0).clamp_min(1e-300)
+        rq = torch.stack([dirs[:, i] @ hvp(dirs[:, i]) for i in range(dirs.shape[1])])
+        order = torch.argsort(rq.abs(), descending=True)
+        row["fitted"], row["rayleigh"] = lam[order].tolist(), rq[order].tolist()
+    return row
+
+
+def finite_or_nan(x: float) -> float:
+    return x if math.isfinite(x) else float("nan")
