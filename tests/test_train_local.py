@@ -42,3 +42,17 @@ def test_a_run_without_a_curvature_model_writes_no_curvature_plot(tmp_path, caps
     assert main(["train", "--backend", "local", "--workload", "tiny_mlp", "--steps", "20", "--optimizer", "adamw",
                  "--run-dir", str(run_dir), "--no-progress"]) == 0
     assert (run_dir / "loss.png").exists() and not (run_dir / "curvature.png").exists()
+
+
+def test_train_help_states_each_default_once_and_lists_workloads_and_settings(capsys):
+    import pytest
+
+    from osfn_dist.core.config import OSFNConfig
+    from osfn_dist.workloads.builtin import BUILTIN
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text
+    assert all(name in text for name in BUILTIN)
+    assert all(f"{field}=" in text for field in OSFNConfig.field_names())

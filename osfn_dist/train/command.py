@@ -9,11 +9,24 @@ import sys
 from ..core.errors import ConfigError
 
 
+def _epilog() -> str:
+    from ..core.config import OSFNConfig
+    from ..workloads.builtin import BUILTIN
+
+    settings = ", ".join(f"{k}={v!r}" for k, v in OSFNConfig().as_dict().items())
+    return (
+        "built-in workloads: " + ", ".join(BUILTIN) + "\n\n"
+        "OSFN settings go in the config file's 'optimizer:' section (defaults): " + settings
+    )
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
         help="train a workload with OSFN (default: built-in MNIST-1D MLP)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        # each flag's help states its own default; argparse's "(default: None)" would repeat it
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_epilog(),
     )
     p.add_argument("--workload", help="built-in name or package.module:function (default mnist1d_mlp)")
     p.add_argument("--steps", type=int, help="training steps (default: the workload's)")
