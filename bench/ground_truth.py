@@ -27,7 +27,9 @@ import torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 
 from osfn_dist import OSFN  # noqa: E402
-from osfn_dist.bench.ground_truth import model_hvp, principal_angles_deg, subspace_truth  # noqa: E402
+from osfn_dist.bench.ground_truth import (  # noqa: E402
+    model_hvp, principal_angles_deg, stiff_quadratic, subspace_truth,
+)
 
 FIRST_RULE = {"subspace_rule": "oja", "subspace_source": "momentum"}
 CURVATURE_RULE = {"subspace_rule": "curvature", "subspace_source": "innovation"}
@@ -36,16 +38,6 @@ CURVATURE_RULE = {"subspace_rule": "curvature", "subspace_source": "innovation"}
 # forgetting converge faster (measured: 146 → 67 steps on the D = 200 instance)
 QUADRATIC_NEWTON = {"complement_in_subspace": 0.0, "trust_radius": 100.0, "newton_warmup": 0,
                     "newton_lr": 1.0, "newton_momentum": 0.5, "forgetting": 0.3}
-
-
-def stiff_quadratic(dim: int, k: int, seed: int, sharp=(10.0, 100.0), bulk=(0.3, 1.0)):
-    gen = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
-    ev = torch.cat([
-        torch.logspace(math.log10(sharp[1]), math.log10(sharp[0]), k, dtype=torch.float64),
-        torch.logspace(math.log10(bulk[1]), math.log10(bulk[0]), dim - k, dtype=torch.float64),
-    ])
-    return q @ torch.diag(ev) @ q.T, q[:, :k], torch.randn(dim, generator=gen, dtype=torch.float64)
 
 
 def quadratic_run(make_opt, hess, x0, steps, noise, warmup, seed=1):

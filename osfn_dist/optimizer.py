@@ -178,7 +178,7 @@ class OSFN(Optimizer):
             buf = self._pair = torch.empty(shape, dtype=basis.dtype, device=basis.device)
         return buf
 
-    def _subspace_source(self, params, has_grad, dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    def _subspace_source(self, params, groups, has_grad, dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """The vector the subspace turns toward, as one flat vector (None: the gradient).
 
         ``momentum``: the complement's momentum (AdamW exp_avg or the momentum buffer), a
@@ -191,7 +191,7 @@ class OSFN(Optimizer):
         if kind == "gradient":
             return None
         parts = []
-        for p, group, ok in zip(params, self._group_of(), has_grad):
+        for p, group, ok in zip(params, groups, has_grad):
             st = self.state.get(p, {})
             buf, scale = _running_mean(st, group, self._steps - 1)
             if buf is None:
@@ -289,7 +289,7 @@ class OSFN(Optimizer):
         pair = self._pair_buffer(basis)
         if self.gradient_sync is None:
             grad = flat_gradient(params, basis.dtype, out=None if pair is None else pair[0])
-        source = self._subspace_source(params, has_grad, basis.dtype, out=None if pair is None else pair[1])
+        source = self._subspace_source(params, groups, has_grad, basis.dtype, out=None if pair is None else pair[1])
         # exact residual norms matter only while directions are being filled
         exact = self._last.get("alive_directions", 0) < self.subspace_dim
         report, coords, residual = build_report(

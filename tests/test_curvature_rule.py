@@ -1,15 +1,12 @@
 """The curvature-seeking subspace rule: sharp directions are held, only flat ones explore,
 and a direction that escapes into the complement is captured at once."""
-import math
-
 import torch
 
 from osfn_dist import OSFN
 from osfn_dist.core.basis_rule import explore_update
 from osfn_dist.core.config import OSFNConfig
-from osfn_dist.bench.ground_truth import principal_angles_deg
+from osfn_dist.bench.ground_truth import principal_angles_deg, stiff_quadratic
 from osfn_dist.dataflow.service import CurvatureService
-from osfn_dist.dataflow.messages import Report
 
 
 def test_only_the_flattest_eigen_directions_turn_whatever_their_gradient():
@@ -27,13 +24,6 @@ def test_explorers_are_chosen_in_the_eigenbasis_and_mapped_back():
     assert coef.tolist() == [0.0, 0.25]
 
 
-def _report(step, version, y, sq, source=None):
-    return Report(step=step, basis_version=version, grad_coords=torch.as_tensor(y, dtype=torch.float64),
-                  grad_sqnorm=sq, residual_step_dot=0.0,
-                  source_coords=None if source is None else torch.as_tensor(source, dtype=torch.float64),
-                  source_sqnorm=None if source is None else sq)
-
-
 def test_a_jump_of_the_source_outside_the_subspace_replaces_the_weakest_mature_direction():
     svc = CurvatureService(OSFNConfig(subspace_dim=2, subspace_rule="curvature", subspace_source="innovation"))
     # hand the service a full, mature subspace with one sharp and one flat direction
@@ -49,14 +39,6 @@ def test_a_jump_of_the_source_outside_the_subspace_replaces_the_weakest_mature_d
     assert svc._escaped_direction(100.0, 120.0, torch.tensor([40.0, 0.0], dtype=torch.float64)) == 0
 
 
-def _stiff_quadratic(dim=60, k=3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
-    ev = torch.cat([torch.logspace(2, 1, k, dtype=torch.float64),
-                    torch.logspace(0, math.log10(0.3), dim - k, dtype=torch.float64)])
-    return q @ torch.diag(ev) @ q.T, q[:, :k], torch.randn(dim, generator=gen, dtype=torch.float64)
-
-
 def _run(opt_factory, hess, x0, lr, steps=150, warmup=20):
     theta = torch.nn.Parameter(x0.clone().float())
     opt = opt_factory([theta], lr)
@@ -70,7 +52,7 @@ def _run(opt_factory, hess, x0, lr, steps=150, warmup=20):
 
 
 def test_holding_the_sharp_directions_lets_the_complement_run_where_sgd_diverges():
-    hess, top, x0 = _stiff_quadratic()
+    hess, top, x0 = stiff_quadratic(60, 3, 0)
     lr = 0.05  # 5x past SGD-Nesterov's stability limit on this quadratic (λ_max = 100)
     sgd, _ = _run(lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True), hess, x0, lr)
     assert not sgd < 1.0

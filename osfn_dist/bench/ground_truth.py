@@ -14,6 +14,18 @@ from typing import Callable
 import torch
 
 
+def stiff_quadratic(dim: int, k: int, seed: int, sharp=(10.0, 100.0), bulk=(0.3, 1.0)):
+    """A rotated quadratic with k eigenvalues log-spaced over ``sharp`` and the rest over
+    ``bulk``. Returns (H (dim, dim), its top-k eigenvectors (dim, k), a start θ₀ (dim,))."""
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+    ev = torch.cat([
+        torch.logspace(math.log10(sharp[1]), math.log10(sharp[0]), k, dtype=torch.float64),
+        torch.logspace(math.log10(bulk[1]), math.log10(bulk[0]), dim - k, dtype=torch.float64),
+    ])
+    return q @ torch.diag(ev) @ q.T, q[:, :k], torch.randn(dim, generator=gen, dtype=torch.float64)
+
+
 def lanczos_top(hvp: Callable[[torch.Tensor], torch.Tensor], dim: int, k: int, iters: int | None = None,
                 seed: int = 0, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """The k eigenpairs of largest |λ| of the symmetric operator ``hvp`` on R^dim.
@@ -121,7 +133,3 @@ def subspace_truth(optimizer, hvp: Callable, dim: int, k: int, step: torch.Tenso
         order = torch.argsort(rq.abs(), descending=True)
         row["fitted"], row["rayleigh"] = lam[order].tolist(), rq[order].tolist()
     return row
-
-
-def finite_or_nan(x: float) -> float:
-    return x if math.isfinite(x) else float("nan")

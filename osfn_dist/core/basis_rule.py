@@ -46,11 +46,7 @@ def choose_basis_update(
     elif "replace" in rule and replace_due and share > 0.5:
         born = int(torch.argmin(torch.where(alive, energy, torch.full_like(energy, -1.0))))
     if born is not None and share > MIN_RESIDUAL_SHARE:
-        rotation = torch.eye(d, dtype=grad_coords.dtype)
-        rotation[born, born] = 0.0
-        coef = torch.zeros(d, dtype=grad_coords.dtype)
-        coef[born] = 1.0 / resid_sq**0.5
-        return rotation, coef, born
+        return capture_direction(born, resid_sq, d, grad_coords.dtype)
     if "oja" in rule and rate > 0:
         return None, rate * grad_coords / grad_sqnorm, None
     return None, None, None
@@ -90,12 +86,15 @@ def explore_update(
     return eigvecs @ coef_eig
 
 
-def capture_direction(slot: int, resid_sq: float, d: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(A, c, born) that put the normalised residual r/‖r‖ in place of eigen-direction
-    ``slot`` (the caller aligns V with the eigenbasis in the same update, so the slot is a
-    column): V_new = V A + r cᵀ with A the identity less that column."""
-    rotation = torch.eye(d, dtype=torch.float64)
+def capture_direction(
+    slot: int, resid_sq: float, d: int, dtype=torch.float64
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(A, c, born) that put the normalised residual r/‖r‖ in column ``slot``: V_new = V A + r cᵀ
+    with A the identity less that column. Filling an empty direction, the ``replace`` rule
+    and the ``curvature`` rule's capture (whose caller aligns V with the eigenbasis in the same
+    update, so the eigen-direction given up is a column) all take this step."""
+    rotation = torch.eye(d, dtype=dtype)
     rotation[slot, slot] = 0.0
-    coef = torch.zeros(d, dtype=torch.float64)
+    coef = torch.zeros(d, dtype=dtype)
     coef[slot] = 1.0 / resid_sq**0.5
     return rotation, coef, slot

@@ -310,8 +310,9 @@ class CurvatureService:
             # happens every reorth_every steps; in between the service steps with Q itself.
             align = self.step % int(h["reorth_every"]) == 0 and not torch.equal(eigvecs, torch.eye(d, dtype=DTYPE))
             rule = self.config.subspace_rule
+            exploring = rule == "curvature" and bool(self.alive.all())  # filled: hold, explore, capture
             capture = None
-            if rule == "curvature" and bool(self.alive.all()):
+            if exploring:
                 capture = self._escaped_direction(resid_sq, src_sq, eigenvalues)
                 align = align or capture is not None  # the replaced eigen-direction must be a column
             frame = eigvecs if align else torch.eye(d, dtype=DTYPE)
@@ -320,7 +321,7 @@ class CurvatureService:
             replace_due = self.step % int(h["replace_every"]) == 0
             if capture is not None:
                 rule_rot, residual_coef, born = capture_direction(capture, resid_sq, d)
-            elif rule == "curvature" and bool(self.alive.all()):
+            elif exploring:
                 rule_rot, born = None, None
                 # the explorers are eigen-directions; c is wanted in the frame's coordinates
                 residual_coef = explore_update(
