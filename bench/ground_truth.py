@@ -94,14 +94,13 @@ def quadratic_table(args) -> None:
 
 
 def network_trace(args):
-    from osfn_dist.bench.peers import OSFN_COMPLEMENTS
     from osfn_dist.workloads import get_workload
 
     work = get_workload(args.workload)
     traces = {}
     for label, rule in {"first rule": FIRST_RULE, "curvature rule": CURVATURE_RULE}.items():
         model = work.build_model()
-        opt = OSFN(model.parameters(), lr=args.lr, **{**OSFN_COMPLEMENTS["osfn"], **rule,
+        opt = OSFN(model.parameters(), lr=args.lr, weight_decay=0.01, **{**rule,
                                                       "complement_in_subspace": args.pi})
         hvp, dim = model_hvp(model, work.loss_fn, *work.train)
         rows = []

@@ -33,12 +33,12 @@ def _run(job):
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    from osfn_dist.bench.peers import OSFN_COMPLEMENTS, Peer, _osfn
+    from osfn_dist.bench.peers import OSFN_PEER_OF, Peer, osfn_over
     from osfn_dist.bench.runner import run_one
     from osfn_dist.workloads import get_workload
 
     variant, workload, name, lr, seed, steps = job
-    peer = Peer(variant, _osfn(**{**OSFN_COMPLEMENTS[variant], **CONFIGS[name]}), lr)
+    peer = Peer(variant, osfn_over(OSFN_PEER_OF[variant], **CONFIGS[name]), lr)
     loss = run_one(get_workload(workload), peer, lr, seed, steps)["final_train_loss"]
     return job, loss if math.isfinite(loss) else float("inf")
 

@@ -1,26 +1,31 @@
-"""OSFN as a ``torch.optim.Optimizer``; ``step()`` reads as the data path:
-collect → exchange → apply."""
+"""OSFN as a ``torch.optim.Optimizer`` wrapped around the user's own optimizer (its base).
+
+``step()`` reads as the data path: collect → exchange → base step (measured) → Newton move.
+"""
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch.optim import Optimizer
 
-from .core import complement as comp
-from .core.config import OSFNConfig
+from .base_optimizer import build_default_bases, check_params, reads_running_mean, running_mean
+from .core.config import COMPLEMENT_FIELDS, OSFNConfig
 from .core.errors import ConfigError, DimensionMismatchError, NonFiniteGradientError
 from .core.subspace import as_basis_layout, new_basis
-from .dataflow.apply import check_version, combine_steps, scatter_add, update_basis
+from .dataflow.apply import check_version, newton_move, scatter_add, update_basis
 from .dataflow.collect import build_report, flat_gradient, write_back
 from .dataflow.exchange import Exchange, InProcessExchange
 from .dataflow.messages import FIXED_SETTINGS, LIVE_HYPERPARAMETERS
 from .dataflow.service import CurvatureService
 from .dataflow.shard import REPLICATED, ShardedBasis
 
-WORKER_STATE_VERSION = 1
+WORKER_STATE_VERSION = 2
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _flat(params: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1).to(dtype) for p in params])
+def _flat(params: list[torch.Tensor], dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).to(dtype) for p in params], out=out)
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -32,52 +37,87 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _running_mean(state: dict, group: dict, steps: int) -> tuple[torch.Tensor | None, float]:
-    """The complement's gradient running mean of one parameter as (buffer, scale): the mean
-    is scale·buffer, after ``steps`` complement steps. AdamW's exp_avg is bias-corrected by
-    its own step count; Muon's buffer is an EMA from zero (mean b/(1 − μᵗ)); SGD's
-    b ← μb + g sums with weights 1, μ, μ², ... (mean b·(1 − μ)/(1 − μᵗ))."""
-    if "exp_avg" in state:
-        t = float(state.get("step", 0))
-        beta1 = group["betas"][0]
-        return state["exp_avg"], (1.0 / (1.0 - beta1**t) if t > 0 and beta1 > 0 else 1.0)
-    buf = state.get("momentum_buffer")
-    if buf is None:
-        return None, 1.0
-    mu, t = group["momentum"], max(steps, 1)
-    if not 0 < mu < 1:
-        return buf, 1.0
-    ema = group["complement"] == "muon"
-    return buf, (1.0 if ema else 1.0 - mu) / (1.0 - mu**t)
+def _subtract_params_(buf: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """buf ← buf − flat(θ), slice by slice (no D-sized temporary)."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        buf[offset : offset + n].sub_(p.detach().reshape(-1).to(buf.dtype))
+        offset += n
+    return buf
+
+
+def _zero_frozen_(vec: torch.Tensor, params: list[torch.Tensor], moves: list[bool]) -> None:
+    offset = 0
+    for p, ok in zip(params, moves):
+        n = p.numel()
+        if not ok:
+            vec[offset : offset + n].zero_()
+        offset += n
+
+
+class _MergedState(Mapping):
+    """``state`` of several base optimizers over disjoint parameters, as one mapping."""
+
+    def __init__(self, bases):
+        self._bases = bases
+
+    def __getitem__(self, p):
+        for b in self._bases:
+            if p in b.state:
+                return b.state[p]
+        for b in self._bases:
+            if any(p is q for g in b.param_groups for q in g["params"]):
+                return b.state[p]
+        raise KeyError(p)
+
+    def __iter__(self):
+        for b in self._bases:
+            yield from b.state
+
+    def __len__(self):
+        return sum(len(b.state) for b in self._bases)
 
 
 class OSFN(Optimizer):
-    r"""Online saddle-free Newton (OSFN).
+    r"""Online saddle-free Newton (OSFN) on top of a first-order optimizer.
 
     Curvature is estimated by online least-squares regression of noisy gradients on
-    positions inside a small subspace found by online PCA of recent gradients, kept
-    diagonal by QR steps; a saddle-free Newton step (dividing by |λ|) is taken there and a
-    first-order method (AdamW, SGD, momentum, Nesterov or Muon) runs on the complement.
+    positions inside a small subspace V (D, d), kept diagonal by QR steps; a saddle-free
+    Newton step (dividing by |λ|) is taken there. Everywhere else the *base* optimizer —
+    yours (fused AdamW, torch Muon, heavyball SOAP, ...) or, by default, torch's AdamW —
+    takes its own step, unchanged::
 
-    One step, with V (D, d) orthonormal, θ the flattened parameters and g the gradient::
+        OSFN(model.parameters(), lr=1e-3)                                 # torch AdamW inside
+        OSFN(base=torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True))
+        OSFN(model.parameters(), lr=3e-3, base=heavyball.SOAP)            # class (+ base_kwargs)
+        OSFN(base=[torch.optim.Muon(matrices, lr=0.02), torch.optim.AdamW(rest, lr=3e-3)])
 
-        y = Vᵀg                                   # collect (worker, D-sized)
-        stats ← EMA of (x, y);  Σ H + H Σ = C + Cᵀ  # curvature service (d-sized)
-        H = Q diag(λ) Qᵀ by QR steps (eigh fallback)
+    One step, with θ the flattened parameters and g the gradient::
+
+        y = Vᵀg                                        # collect (worker, D-sized)
+        stats ← EMA of (x, y);  Σ H + H Σ = C + Cᵀ      # curvature service (d-sized)
         s = −η Q diag(1/max(|λ|, floor)) Qᵀ m̂,  ‖s‖ ≤ trust radius
-        p = complement displacement from g          # apply (worker, D-sized)
-        θ ← θ − p + V (Vᵀp + s)                     # Newton owns the subspace
-        V ← V A + (g − V y) cᵀ                      # online PCA / eigen-alignment
+        p = θ − θ'  after base.step()                  # measured, never re-derived
+        θ ← θ' + V (s + (1 − π) Vᵀp)                   # Newton move (π = complement_in_subspace)
+        V ← V A + (u − V Vᵀu) cᵀ                       # subspace rule, u the subspace source
+
+    With π < 1 the base sees the complement gradient g − (1 − π) V Vᵀg (written into
+    ``p.grad``) while the Newton step is active, and (1 − π) of its displacement's part inside
+    V is removed; with π = 1 (default) it sees the full gradient. The exchange with the
+    curvature service comes before anything moves: a refused update leaves θ and the base's
+    state untouched.
 
     References: J. Duda, "Improving SGD convergence by online linear regression of gradients
     in multiple statistically relevant directions", arXiv:1901.11457; Y. Dauphin et al.,
     "Identifying and attacking the saddle point problem in high-dimensional non-convex
     optimization", arXiv:1406.2572.
 
-    Every hyperparameter of :class:`OSFNConfig` is a ``param_group`` key. Complement
-    hyperparameters act per group; subspace hyperparameters are read from group 0. The
-    Newton step and trust radius scale with ``lr / initial_lr`` of group 0, so an LR
-    scheduler schedules the whole step.
+    ``param_groups`` are the base optimizers' own groups (one list), so LR schedulers act on
+    the base. Every subspace hyperparameter of :class:`OSFNConfig` is also a key of each group,
+    read from group 0. The Newton step and trust radius follow group 0's lr relative to its lr
+    at construction, capped at 1: a schedule shrinks the Newton step with the base's, never
+    enlarges it beyond its configured size (OneCycleLR's peak included).
 
     ``exchange``: where the curvature service lives (default: in this process). Pass a Ray
     actor or gRPC exchange for distributed training. ``nonfinite='skip'`` skips steps whose
@@ -86,21 +126,34 @@ class OSFN(Optimizer):
     """
 
     def __init__(
-        self, params, lr: float = 1e-3, *, exchange: Exchange | None = None, gradient_sync=None,
-        shard_basis: bool = False, **hyper
+        self, params=None, lr: float | None = None, *, base=None, base_kwargs: dict | None = None,
+        exchange: Exchange | None = None, gradient_sync=None, shard_basis: bool = False, **hyper
     ):
         unknown = set(hyper) - set(OSFNConfig.field_names())
         if unknown:
             raise ConfigError(
                 f"unknown OSFN hyperparameter(s) {sorted(unknown)}; valid names: {', '.join(OSFNConfig.field_names())}"
             )
-        config = OSFNConfig(lr=lr, **hyper)
-        super().__init__(params, config.as_dict())
+        complement_given = sorted(set(hyper) & set(COMPLEMENT_FIELDS))
+        config = OSFNConfig(lr=1e-3 if lr is None else lr, **hyper)
+        bases = self._make_bases(params, lr, base, base_kwargs, complement_given, config)
+        check_params(bases)
+        self._bases: list[Optimizer] = []
+        super().__init__([{"params": g["params"]} for b in bases for g in b.param_groups], {})
+        self._bases = bases
+        subspace = {k: getattr(config, k) for k in OSFNConfig.subspace_field_names()}
+        # the base's defaults too: schedulers look for lr, momentum or betas here (OneCycleLR)
+        self.defaults = {**bases[0].defaults, **subspace}
         for group in self.param_groups:
+            for k, v in subspace.items():
+                group.setdefault(k, v)
             OSFNConfig.from_group(group)  # validate per-group overrides now, not at step 1
-        self.config = config
+        self.config = OSFNConfig.from_group(self.param_groups[0])
+        self._check_source()
+        # the Newton step follows group 0's lr relative to this (see the class docstring)
+        self._reference_lr = float(self.param_groups[0]["lr"])
         self._owns_service = exchange is None
-        self.exchange = exchange if exchange is not None else InProcessExchange(CurvatureService(config))
+        self.exchange = exchange if exchange is not None else InProcessExchange(CurvatureService(self.config))
         # Data parallel without DDP: a dataflow.distributed.GradientSync averages gradients
         # itself and gathers each worker's local projection (for noise estimates).
         self.gradient_sync = gradient_sync
@@ -112,6 +165,9 @@ class OSFN(Optimizer):
         self._basis_version = 0
         self._residual_step_dot = 0.0
         self._prev_step_coords: torch.Tensor | None = None
+        # the base's last measured displacement: the subspace source for a base whose
+        # running mean OSFN cannot read (subspace_source='momentum')
+        self._prev_disp: torch.Tensor | None = None
         # θ (flat) right after the last exchange, taken by the first complement-only step
         # after it (curvature_every > 1): the drift since then is θ − anchor
         self._anchor: torch.Tensor | None = None
@@ -120,17 +176,112 @@ class OSFN(Optimizer):
         self._skipped = 0
         self._last: dict = {}
 
+    @staticmethod
+    def _make_bases(params, lr, base, base_kwargs, complement_given, config) -> list[Optimizer]:
+        if base is None:
+            if params is None:
+                raise ConfigError("OSFN needs params (or base=<your optimizer>)")
+            if base_kwargs:
+                raise ConfigError("base_kwargs needs base=<an optimizer class>")
+            groups = list(params)
+            if not groups:
+                raise ValueError("optimizer got an empty parameter list")
+            if not isinstance(groups[0], dict):
+                groups = [{"params": groups}]
+            return build_default_bases(groups, config)
+        if complement_given:
+            raise ConfigError(
+                f"{complement_given} configure OSFN's default base optimizer; with base=... set them on "
+                "your optimizer instead (OSFN only adds the subspace)")
+        if isinstance(base, type):
+            if not issubclass(base, Optimizer):
+                raise ConfigError(f"base={base.__name__} is not a torch.optim.Optimizer class")
+            if params is None:
+                raise ConfigError(f"base={base.__name__} is a class: pass params to build it with")
+            kwargs = dict(base_kwargs or {})
+            if lr is not None:
+                kwargs["lr"] = lr
+            return [base(params, **kwargs)]
+        if params is not None or lr is not None or base_kwargs:
+            raise ConfigError(
+                "base is an optimizer instance: it already has its params and lr; pass only base=... "
+                "and OSFN's subspace settings")
+        bases = list(base) if isinstance(base, (list, tuple)) else [base]
+        for b in bases:
+            if not isinstance(b, Optimizer):
+                raise ConfigError(f"base must be torch.optim.Optimizer instance(s), got {type(b).__name__}")
+            if isinstance(b, OSFN):
+                raise ConfigError("base is already an OSFN; wrap the first-order optimizer only once")
+        if not bases:
+            raise ConfigError("base=[] holds no optimizer")
+        return bases
+
+    # -------------------------------------------- the wrapped optimizer(s)
+    @property
+    def base(self) -> Optimizer | list[Optimizer]:
+        """The wrapped optimizer (a list when there are several)."""
+        return self._bases[0] if len(self._bases) == 1 else list(self._bases)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        bases = self.__dict__.get("_bases")
+        if bases:  # the bases' own group dicts: schedulers and users write where the base reads
+            return [g for b in bases for g in b.param_groups]
+        return self.__dict__.setdefault("_construction_groups", [])
+
+    @param_groups.setter
+    def param_groups(self, value) -> None:
+        self.__dict__["_construction_groups"] = value
+
+    @property
+    def state(self):
+        bases = self.__dict__.get("_bases")
+        if not bases:
+            return self.__dict__.setdefault("_construction_state", {})
+        return bases[0].state if len(bases) == 1 else _MergedState(bases)
+
+    @state.setter
+    def state(self, value) -> None:
+        self.__dict__["_construction_state"] = value
+
+    def add_param_group(self, param_group: dict) -> None:
+        if not self.__dict__.get("_bases"):  # Optimizer.__init__ building its bookkeeping
+            return super().add_param_group(param_group)
+        base = self._bases[0]
+        if len(self._bases) > 1:
+            raise ConfigError(
+                "OSFN wraps several optimizers: call add_param_group on the one that should own the "
+                "parameters (opt.base[i].add_param_group(...)), then create a new OSFN")
+        if self._basis is not None:
+            raise DimensionMismatchError(
+                "add_param_group after the first step would change the model the basis covers; "
+                "add the parameters before training starts or create a new OSFN")
+        base.add_param_group(param_group)
+        new = base.param_groups[-1]
+        for k in OSFNConfig.subspace_field_names():
+            new.setdefault(k, self.defaults[k])
+        OSFNConfig.from_group(new)
+        check_params(self._bases)
+
+    def _base_step(self) -> None:
+        for b in self._bases:
+            b.step()
+
+    def _check_source(self) -> None:
+        if self.param_groups[0]["subspace_source"] == "innovation" and not all(map(reads_running_mean, self._bases)):
+            names = [type(b).__name__ for b in self._bases if not reads_running_mean(b)]
+            raise ConfigError(
+                f"subspace_source='innovation' needs the base's gradient running mean, which OSFN cannot read "
+                f"from {names} (it reads torch's Adam, AdamW, SGD and Muon); use subspace_source='momentum' "
+                "(the base's measured displacements) or 'gradient'")
+
     # ----------------------------------------------------------- helpers
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
-    def _group_of(self) -> list[dict]:
-        return [g for g in self.param_groups for p in g["params"] if p.requires_grad]
-
-    @property
-    def _shard_layout(self):
-        """The sharded layout, or None for a replicated basis (the dataflow hops' convention)."""
-        return self._layout if self._layout.sharded else None
+    def _owners(self) -> list[tuple[Optimizer, dict]]:
+        """(base, group) of each parameter of ``_params``, in order."""
+        return [(b, g) for b in self._bases for g in b.param_groups for p in g["params"] if p.requires_grad]
 
     @property
     def subspace_dim(self) -> int:
@@ -161,8 +312,8 @@ class OSFN(Optimizer):
                 f"param_groups[0] now says {cfg.subspace_dim}); create a new optimizer"
             )
         hyper = {k: getattr(cfg, k) for k in LIVE_HYPERPARAMETERS if hasattr(cfg, k)}
-        initial = g0.get("initial_lr")
-        hyper["step_scale"] = float(g0["lr"] / initial) if initial else 1.0
+        ref = self._reference_lr
+        hyper["step_scale"] = min(1.0, float(g0["lr"]) / ref) if ref > 0 else 1.0
         return hyper
 
     def _pair_buffer(self, basis: torch.Tensor | None) -> torch.Tensor | None:
@@ -178,22 +329,20 @@ class OSFN(Optimizer):
             buf = self._pair = torch.empty(shape, dtype=basis.dtype, device=basis.device)
         return buf
 
-    def _subspace_source(self, params, groups, has_grad, dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The vector the subspace turns toward, as one flat vector (None: the gradient).
+    def _running_mean_source(self, params, has_grad, dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The subspace source read from the base's state before it steps (m_{t−1}).
 
-        ``momentum``: the complement's momentum (AdamW exp_avg or the momentum buffer), a
-        noise-averaged gradient at no extra memory. ``innovation``: the gradient minus that
-        running mean (read before the complement steps, so it is m_{t−1}, bias-corrected):
-        ≈ H (θ − θ̄) plus noise, a curvature-weighted signal that gradient PCA lacks
-        (core.basis_rule.explore_update). None on the first step, for plain SGD, or with
-        subspace_source='gradient'."""
+        ``momentum``: the base's gradient running mean (AdamW exp_avg, the momentum buffer),
+        a noise-averaged gradient at no extra memory. ``innovation``: the gradient minus that
+        running mean: ≈ H (θ − θ̄) plus noise, a curvature-weighted signal that gradient PCA
+        lacks (core.basis_rule.explore_update). None where the base keeps no running mean
+        (yet): then the gradient, or for a base OSFN cannot read, its measured displacement."""
         kind = self.param_groups[0]["subspace_source"]
-        if kind == "gradient":
+        if kind == "gradient" or not all(map(reads_running_mean, self._bases)):
             return None
         parts = []
-        for p, group, ok in zip(params, groups, has_grad):
-            st = self.state.get(p, {})
-            buf, scale = _running_mean(st, group, self._steps - 1)
+        for p, (base, group), ok in zip(params, self._owners(), has_grad):
+            buf, scale = running_mean(base, base.state.get(p, {}), group, self._steps - 1)
             if buf is None:
                 if ok:
                     return None
@@ -205,16 +354,8 @@ class OSFN(Optimizer):
             parts.append(flat)
         return torch.cat(parts, out=out)
 
-    def _complement_displacement(self, params, groups, has_grad, basis) -> torch.Tensor:
-        """Advance the complement optimizer; its displacement p (θ_new = θ − p) as one flat vector."""
-        parts = []
-        for p, group, ok in zip(params, groups, has_grad):
-            if ok:
-                step = comp.direction(p, p.grad, self.state[p], group)
-                parts.append(comp.displacement(p, *step).reshape(-1).to(basis.dtype))
-            else:
-                parts.append(torch.zeros(p.numel(), device=basis.device, dtype=basis.dtype))
-        return torch.cat(parts)
+    def _displacement_is_source(self) -> bool:
+        return self.param_groups[0]["subspace_source"] != "gradient" and not all(map(reads_running_mean, self._bases))
 
     # ------------------------------------------------------------- step
     @torch.no_grad()
@@ -225,34 +366,23 @@ class OSFN(Optimizer):
                 loss = closure()
         for group in self.param_groups[1:]:
             OSFNConfig.from_group(group)
+        self._check_source()
         hyper = self._live_hyper()
         params = self._params()
-        groups = self._group_of()
         has_grad = [p.grad is not None for p in params]
         if not any(has_grad):
             return loss
-        worker_coords = None
+        for i, (p, ok) in enumerate(zip(params, has_grad)):
+            if ok and p.grad.is_sparse:
+                raise ConfigError(
+                    f"parameter {i} (shape {tuple(p.shape)}) has a sparse gradient; OSFN needs dense "
+                    "gradients (nn.Embedding(sparse=False)) or leave that parameter to a separate optimizer")
         # curvature_every = k: the subspace machinery runs on steps 1, k+1, 2k+1, ...; in
-        # between only the complement steps, in place; the drift θ − anchor reaches the service
-        # with the next report
+        # between only the base steps; the drift θ − anchor reaches the service with the next report
         every = int(self.param_groups[0]["curvature_every"])
         curvature_step = self.subspace_dim > 0 and (every == 1 or self._steps % every == 0)
-        if self.gradient_sync is not None:
-            # Average before the finiteness check so every rank takes the same decision.
-            basis = self._ensure_basis(params) if self.subspace_dim else None
-            pair = self._pair_buffer(basis)
-            grad = flat_gradient(
-                params, basis.dtype if basis is not None else torch.float32, out=None if pair is None else pair[0]
-            )
-            if basis is not None and self._layout.sharded:
-                worker_coords = self._layout.sync_gradient(grad, basis)  # also averages grad
-            else:
-                if basis is not None and curvature_step:
-                    worker_coords = self.gradient_sync.gather_coords(basis.T @ grad)
-                self.gradient_sync.average(grad)
-            write_back(params, grad, has_grad)  # the complement acts on the averaged gradient
-        grads = [p.grad for p, ok in zip(params, has_grad) if ok]
-        if not _all_finite(grads):
+        grad, worker_coords = self._sync_gradients(params, has_grad, curvature_step)
+        if not _all_finite([p.grad for p, ok in zip(params, has_grad) if ok]):
             self._skipped += 1
             self._last = {**self._last, "skipped_steps": self._skipped}
             if self.param_groups[0]["nonfinite"] == "raise":
@@ -262,67 +392,108 @@ class OSFN(Optimizer):
                 )
             return loss
         self._steps += 1
+        if self.subspace_dim == 0:
+            self._base_only_step()
+        elif not curvature_step:
+            self._complement_only_step(params)
+        else:
+            self._curvature_step(params, has_grad, hyper, grad, worker_coords)
+        return loss
 
-        if self.subspace_dim == 0:  # no subspace: exactly the complement optimizer
-            for p, group, ok in zip(params, groups, has_grad):
-                if ok:
-                    comp.apply_in_place(p, *comp.direction(p, p.grad, self.state[p], group))
-            self._last = {"skipped_steps": self._skipped, "step": self._steps}
-            return loss
+    def _sync_gradients(self, params, has_grad, curvature_step):
+        """Data parallel without DDP: average the gradients across workers (before the
+        finiteness check, so every rank decides alike). Returns the flat averaged gradient
+        (None when not synced here) and every worker's own projection (or None)."""
+        if self.gradient_sync is None:
+            return None, None
+        basis = self._ensure_basis(params) if self.subspace_dim else None
+        pair = self._pair_buffer(basis)
+        grad = flat_gradient(params, basis.dtype if basis is not None else torch.float32,
+                             out=None if pair is None else pair[0])
+        worker_coords = None
+        if basis is not None and self._layout.sharded:
+            worker_coords = self._layout.sync_gradient(grad, basis)  # also averages grad
+        else:
+            if basis is not None and curvature_step:
+                worker_coords = self.gradient_sync.gather_coords(basis.T @ grad)
+            self.gradient_sync.average(grad)
+        write_back(params, grad, has_grad)  # the base acts on the averaged gradient
+        return grad, worker_coords
 
+    def _base_only_step(self) -> None:
+        """No subspace: exactly the base optimizer."""
+        self._base_step()
+        self._last = {"skipped_steps": self._skipped, "step": self._steps}
+
+    def _complement_only_step(self, params) -> None:
+        """Between exchanges (curvature_every > 1): the base alone; its drift is reported next time."""
         basis = self._ensure_basis(params)
-        frozen = [ok and group["lr"] > 0 for ok, group in zip(has_grad, groups)]
-        if not curvature_step:  # the complement alone, in place, exactly as torch.optim would
-            if self._anchor is None:
-                self._anchor = _flat(params, basis.dtype)
-            for group in self.param_groups:
-                mine = [p for p in group["params"] if p.requires_grad and p.grad is not None]
-                if group["complement"] == "adamw" and mine and not any(p.dtype in (torch.float16, torch.bfloat16) for p in mine):
-                    comp.adamw_foreach(mine, [self.state[p] for p in mine], group)
-                    continue
-                for p in mine:
-                    comp.apply_in_place(p, *comp.direction(p, p.grad, self.state[p], group))
-            self._last = {**self._last, "step": self._steps, "subspace_step_norm": 0.0, "skipped_steps": self._skipped}
-            return loss
+        if self._anchor is None:
+            self._anchor = _flat(params, basis.dtype)
+        self._base_step()
+        self._last = {**self._last, "step": self._steps, "subspace_step_norm": 0.0, "skipped_steps": self._skipped}
 
+    def _curvature_step(self, params, has_grad, hyper, grad, worker_coords) -> None:
+        basis = self._ensure_basis(params)
+        layout = self._layout
+        # a parameter without a gradient, or in a group with lr = 0, is frozen: neither the
+        # base nor the shared subspace moves it, and the reported position knows it
+        moves = [ok and float(group["lr"]) > 0 for ok, (_, group) in zip(has_grad, self._owners())]
+        measure = not all(moves) or any(p.dtype in LOW_PRECISION for p in params)
         # collect
         pair = self._pair_buffer(basis)
-        if self.gradient_sync is None:
+        if grad is None:
             grad = flat_gradient(params, basis.dtype, out=None if pair is None else pair[0])
-        source = self._subspace_source(params, groups, has_grad, basis.dtype, out=None if pair is None else pair[1])
+        if self._displacement_is_source():
+            source, in_pair = self._prev_disp, False  # the base's last measured step (None at first)
+        else:
+            source = self._running_mean_source(params, has_grad, basis.dtype, out=None if pair is None else pair[1])
+            in_pair = source is not None and pair is not None
+        before = _flat(params, basis.dtype)
         # exact residual norms matter only while directions are being filled
         exact = self._last.get("alive_directions", 0) < self.subspace_dim
         report, coords, residual = build_report(
             basis, grad, self._steps, self._basis_version, self._residual_step_dot, hyper, worker_coords,
             source=source, prev_step_coords=self._prev_step_coords,
-            drift=None if self._anchor is None else _flat(params, basis.dtype).sub_(self._anchor),
-            layout=self._shard_layout, exact_residual=exact,
-            settings={k: getattr(self.config, k) for k in FIXED_SETTINGS},
-            pair=pair,
+            drift=None if self._anchor is None else before - self._anchor, layout=layout, exact_residual=exact,
+            settings={k: getattr(self.config, k) for k in FIXED_SETTINGS}, pair=pair if in_pair else None,
         )
-        # exchange
+        # exchange (before anything moves: a refused or lost update leaves θ and the base untouched)
         update = self.exchange.exchange(report)
         check_version(update, self._basis_version)
         self._anchor = None
-        # apply
-        disp = self._complement_displacement(params, groups, has_grad, basis)
-        delta, self._prev_step_coords, self._residual_step_dot, residual = combine_steps(
-            basis, disp, residual, update.step_coef, update.complement_keep,
-            layout=self._shard_layout,
+        keep = float(update.complement_keep)
+        if keep < 1.0:  # the Newton step owns (1 − π) of the subspace: the base sees the rest
+            write_back(params, grad - layout.expand(basis, (1.0 - keep) * coords), has_grad)
+        # the base's own step, measured: p = θ_before − θ_after
+        self._base_step()
+        disp = _subtract_params_(before.clone() if measure else before, params)
+        # apply: the Newton move on top of the base's step
+        move, step_coords, residual = newton_move(
+            basis, disp, residual, update.step_coef, keep, layout,
             source=grad if source is None else source,
             source_coords=coords if report.source_coords is None else report.source_coords.to(basis.device, basis.dtype),
         )
-        # a group with lr = 0 is frozen: neither its complement nor the shared subspace moves it
-        scatter_add(params, delta, frozen)
-        self._basis = update_basis(basis, residual, update, self._shard_layout)
+        if self._displacement_is_source():
+            self._prev_disp = disp if not measure else disp.clone()
+        if measure:
+            _zero_frozen_(move, params, moves)
+        scatter_add(params, move, moves)
+        if measure:  # what actually happened: frozen rows and low-precision rounding included
+            applied = _subtract_params_(before, params).neg_()
+            step_coords = layout.project(basis, applied)
+        else:
+            applied = move.sub_(disp)
+        self._prev_step_coords = step_coords
+        self._residual_step_dot = layout.dot(residual, layout.rows(applied))
+        self._basis = update_basis(basis, residual, update, layout)
         self._basis_version = update.new_version
         self._last = {
             **update.diagnostics,
             "complement_step_norm": float(torch.linalg.vector_norm(disp)),
-            "step_norm": float(torch.linalg.vector_norm(delta)),
+            "step_norm": float(torch.linalg.vector_norm(applied)),
             "skipped_steps": self._skipped,
         }
-        return loss
 
     # -------------------------------------------------------- inspection
     @property
@@ -351,7 +522,8 @@ class OSFN(Optimizer):
 
     # ------------------------------------------------------- persistence
     def state_dict(self):
-        sd = super().state_dict()
+        """``{"bases": [each base's own state_dict], "osfn": the subspace's state}``."""
+        sd = {"bases": [b.state_dict() for b in self._bases]}
         worker = {
             "version": WORKER_STATE_VERSION,
             "basis": None if self._basis is None else self._basis.clone(),
@@ -361,6 +533,8 @@ class OSFN(Optimizer):
             "anchor": None if self._anchor is None else self._anchor.clone(),
             "steps": self._steps,
             "skipped": self._skipped,
+            "prev_displacement": None if self._prev_disp is None else self._prev_disp.clone(),
+            "reference_lr": self._reference_lr,
             "subspace_dim": self.subspace_dim,
             "basis_layout": self._layout.describe(),
             # decides exact residual norms on the next step (see step()); a resume must agree
@@ -374,9 +548,17 @@ class OSFN(Optimizer):
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         worker = state_dict.pop("osfn", None)
-        super().load_state_dict(state_dict)
-        if worker is None:
-            return
+        bases = state_dict.get("bases")
+        if bases is None or worker is None or worker.get("version") != WORKER_STATE_VERSION:
+            raise DimensionMismatchError(
+                f"not an OSFN state_dict of version {WORKER_STATE_VERSION} (keys {sorted(state_dict)}, version "
+                f"{None if worker is None else worker.get('version')}); version 1 checkpoints held OSFN's own "
+                "complement state and cannot be loaded into the wrapping OSFN: restart from the model weights")
+        if len(bases) != len(self._bases):
+            raise DimensionMismatchError(
+                f"checkpoint holds {len(bases)} base optimizer state(s), this OSFN wraps {len(self._bases)}")
+        for base, sd in zip(self._bases, bases):
+            base.load_state_dict(sd)
         if worker["subspace_dim"] != self.subspace_dim:
             raise DimensionMismatchError(
                 f"checkpoint has subspace_dim={worker['subspace_dim']}, this optimizer {self.subspace_dim}"
@@ -404,6 +586,9 @@ class OSFN(Optimizer):
         self._anchor = None if anchor is None else anchor.clone().to(basis.device if basis is not None else "cpu")
         self._steps = worker["steps"]
         self._skipped = worker["skipped"]
+        prev_disp = worker["prev_displacement"]
+        self._prev_disp = None if prev_disp is None else prev_disp.clone().to(self._params()[0].device)
+        self._reference_lr = float(worker["reference_lr"])
         if "alive_directions" in worker:
             self._last = {**self._last, "alive_directions": worker["alive_directions"]}
         if self._owns_service and "service" in worker:

@@ -19,7 +19,7 @@ def test_bench_runs_equal_grids_and_reports(tmp_path):
     assert row["seeds"] == 2 and row["state_bytes"] > table["tiny_mlp"]["adamw"]["state_bytes"]  # + the basis
     assert table["tiny_mlp"]["adamw"]["step_time_vs_adamw"] == 1.0
     assert (tmp_path / "b" / "curves.png").stat().st_size > 1000
-    assert "| OSFN (AdamW complement)" in (tmp_path / "b" / "table.md").read_text()
+    assert "| OSFN over AdamW" in (tmp_path / "b" / "table.md").read_text()
     assert "peak MB" in (tmp_path / "b" / "table.md").read_text() and row["peak_rss_bytes"] > 0
 
 
@@ -44,11 +44,11 @@ def test_report_only_rebuilds_from_runs_json(tmp_path, capsys):
 
 
 def test_each_osfn_variant_without_a_subspace_is_exactly_its_peer():
-    """Like for like: the OSFN entries run their complement with their peer's hyperparameters,
-    so with subspace_dim=0 they follow the peer's trajectory bit for bit (a model with
-    matrices and vectors: Muon's AdamW-on-vectors half is compared too). Fails if a peer's
-    or an OSFN variant's settings drift apart."""
-    from osfn_dist.bench.peers import OSFN_COMPLEMENTS, OSFN_PEER_OF, PEERS, _osfn
+    """Like for like: the OSFN entries wrap their peer's own optimizer, so with
+    subspace_dim=0 they follow the peer's trajectory bit for bit (a model with matrices and
+    vectors: Muon's AdamW-on-vectors half is compared too; heavyball SOAP included). Fails if
+    the wrapper changes what the base does."""
+    from osfn_dist.bench.peers import OSFN_PEER_OF, PEERS, osfn_over
     from osfn_dist.bench.runner import run_one
     from osfn_dist.workloads import get_workload
 
@@ -56,7 +56,7 @@ def test_each_osfn_variant_without_a_subspace_is_exactly_its_peer():
         wl = get_workload(workload)
         assert any(p.ndim == 1 for p in wl.build_model().parameters())
         for name, peer_name in OSFN_PEER_OF.items():
-            ablated = PEERS[name].__class__(name, _osfn(**OSFN_COMPLEMENTS[name], subspace_dim=0), 1e-2)
+            ablated = PEERS[name].__class__(name, osfn_over(peer_name, subspace_dim=0), 1e-2)
             ours, theirs = (run_one(wl, p, 1e-2, seed=0, steps=15, eval_points=15) for p in (ablated, PEERS[peer_name]))
             assert ours["curve"] == theirs["curve"], (workload, name)
             assert ours["curve"][-1][1] < ours["curve"][0][1]  # it trained

@@ -159,7 +159,7 @@ def test_lr_scheduler_scales_complement_and_newton_steps():
 def test_hyperparameters_live_in_param_groups_and_changes_act():
     model = make_model()
     opt = OSFN(model.parameters(), lr=1e-2, subspace_dim=4)
-    for name in OSFNConfig.field_names():
+    for name in OSFNConfig.subspace_field_names():
         assert name in opt.param_groups[0]
     train(model, opt, batches(12))
     opt.param_groups[0]["newton_lr"] = 0.0  # turn the Newton step off mid-run
@@ -284,7 +284,6 @@ INVALID = {
     "newton_warmup": -1,
     "eigen_method": "lapack",
     "noise_damping": "yes",
-    "muon_conv": 1,
     "nonfinite": "ignore",
 }
 

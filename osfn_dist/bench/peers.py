@@ -8,10 +8,10 @@ Every optimizer gets the same number of learning rates (``grid``), spread by the
 factors around its centre; all other hyperparameters stay at the library's defaults, so the
 tuning budget is equal.
 
-Each OSFN variant runs its complement with exactly its peer's hyperparameters
-(``OSFN_COMPLEMENTS``): with ``subspace_dim=0`` it reproduces the peer's trajectory bit for
-bit (tests/test_bench.py), so "OSFN vs its peer" measures the subspace Newton step and
-nothing else. (The first benchmark ran the Muon complement at OSFN's own defaults,
+Each OSFN variant wraps its peer itself (``osfn_over``: the same optimizer object, built by
+the peer's own builder at the same lr): with ``subspace_dim=0`` it reproduces the peer's
+trajectory bit for bit (tests/test_bench.py), so "OSFN vs its peer" measures the subspace
+Newton step and nothing else. (The first benchmark ran the Muon complement at OSFN's own defaults,
 momentum 0.9 and no weight decay, against torch's Muon at 0.95 and 0.1; on the MNIST-1D MLP
 that difference alone was worth more than the Newton step, which made OSFN look better than
 it was.)
@@ -84,22 +84,27 @@ def _pytorch_optimizer(name):
     return build
 
 
-# The complement hyperparameters of each OSFN variant = its peer's (torch defaults): AdamW's
-# weight_decay 0.01; Muon's momentum 0.95, weight_decay 0.1, and the AdamW at 3e-3 that the
-# Muon peer runs on vectors and conv kernels (OSFN's aux_lr, muon_conv=False).
-OSFN_COMPLEMENTS = {
-    "osfn": dict(weight_decay=0.01),
-    "osfn_muon": dict(complement="muon", momentum=0.95, weight_decay=0.1, aux_lr=3e-3, muon_conv=False),
-}
-# which peer each OSFN variant is compared with
-OSFN_PEER_OF = {"osfn": "adamw", "osfn_muon": "muon"}
+# which peer each OSFN variant wraps (and is compared with)
+OSFN_PEER_OF = {"osfn": "adamw", "osfn_muon": "muon", "osfn_soap": "soap"}
 
 
 def _osfn(**extra):
+    """OSFN with its default base (torch AdamW unless ``complement`` says otherwise)."""
     def build(params, lr):
         from ..optimizer import OSFN
 
         return OSFN(params, lr=lr, **extra)
+
+    return build
+
+
+def osfn_over(peer: str, **settings):
+    """OSFN wrapped around the optimizer(s) that peer ``peer``'s builder makes."""
+    def build(params, lr):
+        from ..optimizer import OSFN
+
+        base = PEERS[peer].build(params, lr)
+        return OSFN(base=base.optimizers if isinstance(base, OptimizerGroup) else base, **settings)
 
     return build
 
@@ -125,12 +130,13 @@ PEERS: dict[str, Peer] = {
         Peer("sophia", _pytorch_optimizer("SophiaH"), 3e-2, needs_hessian=True, label="SophiaH (pytorch-optimizer)"),
         Peer("adahessian", _pytorch_optimizer("AdaHessian"), 1e-1, needs_hessian=True,
              label="AdaHessian (pytorch-optimizer)"),
-        Peer("osfn", _osfn(**OSFN_COMPLEMENTS["osfn"]), 1e-2, label="OSFN (AdamW complement)"),
-        Peer("osfn_muon", _osfn(**OSFN_COMPLEMENTS["osfn_muon"]), 5e-2, label="OSFN (Muon complement)"),
+        Peer("osfn", osfn_over("adamw"), 1e-2, label="OSFN over AdamW"),
+        Peer("osfn_muon", osfn_over("muon"), 5e-2, label="OSFN over Muon (torch.optim) + AdamW"),
+        Peer("osfn_soap", osfn_over("soap"), 1e-2, label="OSFN over SOAP (heavyball)"),
     ]
 }
 
-DEFAULT_PEERS = ("adamw", "sgd_nesterov", "muon", "soap", "psgd", "sophia", "osfn", "osfn_muon")
+DEFAULT_PEERS = ("adamw", "sgd_nesterov", "muon", "soap", "psgd", "sophia", "osfn", "osfn_muon", "osfn_soap")
 
 
 def lr_grid(center: float, size: int) -> list[float]:

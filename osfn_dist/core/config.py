@@ -1,8 +1,10 @@
 """Hyperparameters of OSFN, validated in one place.
 
-Every field is also a key of each ``param_group`` so LR schedulers (and users) can read
-and write it while training. Complement-optimizer fields act per group; the subspace
-fields act on the one subspace spanning all groups and are read from group 0.
+The complement fields (``COMPLEMENT_FIELDS``) only describe the torch optimizer OSFN builds
+when it is not handed one (``base=None``: torch's AdamW, SGD or Muon + AdamW). The subspace
+fields are keys of every ``param_group`` so LR schedulers (and users) can read and write
+them while training; they act on the one subspace spanning all groups and are read from
+group 0.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ SUBSPACE_RULES = ("oja", "replace", "oja+replace", "curvature")
 SUBSPACE_SOURCES = ("gradient", "momentum", "innovation")
 EIGEN_METHODS = ("qr", "eigh")
 NONFINITE_POLICIES = ("skip", "raise")
+# the fields that configure the default base optimizer (and nothing else)
+COMPLEMENT_FIELDS = ("lr", "complement", "momentum", "betas", "eps", "weight_decay", "aux_lr")
 
 
 @dataclass
@@ -27,10 +31,9 @@ class OSFNConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
-    aux_lr: float = 3e-4  # AdamW lr for non-matrix params when complement == "muon"
-    # complement "muon": also orthogonalise conv kernels (> 2-D, flattened to (out, rest));
-    # False sends them to the AdamW at aux_lr, as torch.optim.Muon (2-D only) makes you do
-    muon_conv: bool = True
+    # AdamW lr for everything but 2-D matrices when complement == "muon" (vectors and conv
+    # kernels: torch.optim.Muon takes 2-D matrices only)
+    aux_lr: float = 3e-4
     # --- subspace curvature model: global (group 0) ---
     subspace_dim: int = 8
     forgetting: float = 0.05  # beta: weight of the newest sample in the regression EMAs
@@ -63,8 +66,14 @@ class OSFNConfig:
         return tuple(f.name for f in fields(cls))
 
     @classmethod
+    def subspace_field_names(cls) -> tuple[str, ...]:
+        return tuple(n for n in cls.field_names() if n not in COMPLEMENT_FIELDS)
+
+    @classmethod
     def from_group(cls, group: dict) -> "OSFNConfig":
-        return cls(**{k: group[k] for k in cls.field_names() if k in group})
+        """The subspace settings a param group holds (its base optimizer's keys are the
+        base's business: a tensor lr, SGD's nesterov flag, ...)."""
+        return cls(**{k: group[k] for k in cls.subspace_field_names() if k in group})
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -128,5 +137,4 @@ class OSFNConfig:
         )
         need("eigen_method", self.eigen_method in EIGEN_METHODS, f"one of {EIGEN_METHODS}")
         need("noise_damping", isinstance(self.noise_damping, bool), "True or False")
-        need("muon_conv", isinstance(self.muon_conv, bool), "True or False")
         need("nonfinite", self.nonfinite in NONFINITE_POLICIES, f"one of {NONFINITE_POLICIES}")

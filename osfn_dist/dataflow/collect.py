@@ -5,6 +5,7 @@ import torch
 
 from ..core.subspace import project, project_pair
 from .messages import Report
+from .shard import REPLICATED
 
 
 def flat_gradient(params: list[torch.Tensor], dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -28,7 +29,7 @@ def build_report(
     worker_grad_coords: torch.Tensor | None = None,
     source: torch.Tensor | None = None,
     prev_step_coords: torch.Tensor | None = None,
-    layout=None,
+    layout=REPLICATED,
     exact_residual: bool = True,
     drift: torch.Tensor | None = None,
     settings: dict | None = None,
@@ -36,14 +37,14 @@ def build_report(
 ) -> tuple[Report, torch.Tensor, torch.Tensor | None]:
     """Returns the report, y = Vᵀg and the residual r = u − V Vᵀu of the vector u the
     subspace turns toward (``source``; default the gradient). y and r stay on the worker's
-    device for the apply hop. ``layout`` (dataflow.shard): with a sharded basis, ``basis``
-    holds this worker's rows and r only those rows. ``exact_residual=False`` (replicated
+    device for the apply hop. ``layout`` (dataflow.shard): where V's rows live; with a sharded
+    basis, ``basis`` holds this worker's rows and r only those rows. ``exact_residual=False`` (replicated
     basis only) skips forming r here: r is None and its norm is left to the service, which is
     accurate unless the subspace holds nearly all of u — the optimizer asks for the exact
     norm while directions are still being filled. ``pair``: a (2, D) tensor whose rows are
     ``grad`` and ``source``, so both projections take one pass over V."""
-    if layout is None and not exact_residual:
-        # the residual is formed after the exchange (apply.combine_steps) and its norm derived
+    if not layout.sharded and not exact_residual:
+        # the residual is formed after the exchange (apply.newton_move) and its norm derived
         # as ‖u‖² − ‖Vᵀu‖². When g and u are the two rows of one (2, D) buffer, both
         # projections take one pass over V.
         if pair is not None and source is not None:
@@ -53,16 +54,13 @@ def build_report(
             src_coords = coords if source is None else project(basis, source)
         residual = None
     else:
-        proj = project if layout is None else layout.project
-        coords = proj(basis, grad)
-        src_coords = coords if source is None else proj(basis, source)
-        src = grad if source is None else source
-        if layout is not None:
-            src = layout.rows(src)
+        coords = layout.project(basis, grad)
+        src_coords = coords if source is None else layout.project(basis, source)
+        src = layout.rows(grad if source is None else source)
         residual = src.to(basis.dtype) - basis @ src_coords
     drift_coords = None
     if drift is not None:
-        drift_coords = (project if layout is None else layout.project)(basis, drift).detach().to("cpu", torch.float64)
+        drift_coords = layout.project(basis, drift).detach().to("cpu", torch.float64)
     report = Report(
         step=step,
         basis_version=basis_version,
@@ -72,7 +70,7 @@ def build_report(
         source_sqnorm=None if source is None else _sqnorm(source),
         residual_sqnorm=(
             None if residual is None
-            else (_sqnorm(residual) if layout is None else layout.dot(residual, residual))
+            else layout.dot(residual, residual)
         ),
         residual_step_dot=float(residual_step_dot),
         prev_step_coords=None if prev_step_coords is None else prev_step_coords.detach().to("cpu", torch.float64),

@@ -1,0 +1,125 @@
+"""The first-order optimizer OSFN wraps (its "base"), and what OSFN reads from it.
+
+OSFN never re-derives the base's step: it runs ``base.step()`` and measures the
+displacement. This module builds the default base from OSFN's complement fields (torch's
+own AdamW, SGD, or Muon for 2-D matrices + AdamW for the rest), refuses parameters OSFN
+cannot handle, and reads the base's gradient running mean (the subspace source) where the
+base keeps one in a layout torch documents.
+"""
+from __future__ import annotations
+
+import torch
+from torch.optim import Optimizer
+
+from .core.config import OSFNConfig
+from .core.errors import ConfigError
+
+_ADAM_KEYS = ("lr", "betas", "eps", "weight_decay")
+
+
+def _group_kwargs(group: dict, config: OSFNConfig) -> dict:
+    """A user's param group with OSFN's complement fields filled in from ``config``."""
+    return {k: group.get(k, getattr(config, k)) for k in ("lr", "complement", "momentum", "betas", "eps",
+                                                          "weight_decay", "aux_lr")}
+
+
+def build_default_bases(groups: list[dict], config: OSFNConfig) -> list[Optimizer]:
+    """torch optimizers equivalent to OSFN's ``complement`` setting, one per kind.
+
+    adamw → torch.optim.AdamW; sgd / momentum / nesterov → torch.optim.SGD; muon →
+    torch.optim.Muon on 2-D matrices (its only shape) + torch.optim.AdamW at ``aux_lr`` on
+    vectors and conv kernels, as torch's Muon documentation prescribes. Group overrides of
+    the complement fields (say ``{"params": ..., "lr": 0.0}``) carry over per group."""
+    adam_groups, sgd_groups, muon_groups = [], [], []
+    for g in groups:
+        kw = _group_kwargs(g, config)
+        params = list(g["params"])
+        extra = {k: v for k, v in g.items() if k not in kw and k != "params"}  # subspace keys
+        kind = kw["complement"]
+        if kind == "adamw":
+            adam_groups.append({"params": params, **{k: kw[k] for k in _ADAM_KEYS}, **extra})
+        elif kind in ("sgd", "momentum", "nesterov"):
+            sgd_groups.append({
+                "params": params, "lr": kw["lr"], "weight_decay": kw["weight_decay"],
+                "momentum": 0.0 if kind == "sgd" else kw["momentum"], "nesterov": kind == "nesterov", **extra,
+            })
+        else:  # muon
+            matrices = [p for p in params if p.ndim == 2]
+            others = [p for p in params if p.ndim != 2]
+            if matrices:
+                muon_groups.append({"params": matrices, "lr": kw["lr"], "weight_decay": kw["weight_decay"],
+                                    "momentum": kw["momentum"], **extra})
+            if others:
+                adam_groups.append({"params": others, "lr": kw["aux_lr"], "betas": kw["betas"], "eps": kw["eps"],
+                                    "weight_decay": kw["weight_decay"], **extra})
+    bases: list[Optimizer] = []
+    if muon_groups:
+        bases.append(torch.optim.Muon(muon_groups))
+    if adam_groups:
+        bases.append(torch.optim.AdamW(adam_groups))
+    if sgd_groups:
+        bases.append(torch.optim.SGD(sgd_groups, lr=sgd_groups[0]["lr"]))
+    return bases
+
+
+def check_params(bases: list[Optimizer]) -> None:
+    """Refuse, at construction, parameters the subspace cannot hold; each message names the
+    parameter and what to do."""
+    devices = set()
+    seen: set[int] = set()
+    for b, base in enumerate(bases):
+        for g, group in enumerate(base.param_groups):
+            for i, p in enumerate(group["params"]):
+                where = f"parameter {i} of param group {g} of base optimizer {b} ({type(base).__name__}, shape {tuple(p.shape)})"
+                if id(p) in seen:
+                    raise ConfigError(f"{where} appears in two base optimizers; give each parameter to one of them")
+                seen.add(id(p))
+                if p.is_complex():
+                    raise ConfigError(
+                        f"{where} is complex; OSFN's subspace is real. Optimize its real view "
+                        "(torch.view_as_real) or leave it to a separate optimizer")
+                if _is_dtensor(p):
+                    raise ConfigError(
+                        f"{where} is a DTensor (FSDP2/tensor parallel), which OSFN does not support yet; "
+                        "use shard_basis=True with replicated parameters, or leave it to a separate optimizer")
+                if p.is_sparse:
+                    raise ConfigError(f"{where} is a sparse tensor; OSFN needs dense parameters")
+                devices.add(p.device)
+    if len(devices) > 1:
+        raise ConfigError(
+            f"parameters live on several devices {sorted(map(str, devices))}; OSFN keeps one basis on one "
+            "device. Move the model to one device (or use one OSFN per device placement)")
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - builds without distributed
+        return False
+    return isinstance(p, DTensor)
+
+
+def reads_running_mean(base: Optimizer) -> bool:
+    """Whether ``running_mean`` understands this base's state (torch's Adam/AdamW, SGD, Muon)."""
+    return isinstance(base, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Muon))
+
+
+def running_mean(base: Optimizer, state: dict, group: dict, steps: int) -> tuple[torch.Tensor | None, float]:
+    """The base's gradient running mean of one parameter as (buffer, scale), the mean being
+    scale·buffer after ``steps`` base steps; (None, 1) where it keeps none (yet).
+
+    Adam/AdamW's exp_avg is bias-corrected by its own step count; Muon's buffer is an EMA
+    from zero (mean b/(1 − μᵗ)); SGD's b ← μb + (1 − dampening)g sums with weights 1, μ, μ², ...
+    (mean b·(1 − μ)/(1 − μᵗ), dampening ignored)."""
+    if "exp_avg" in state:
+        t = float(state.get("step", 0))
+        beta1 = float(group["betas"][0])
+        return state["exp_avg"], (1.0 / (1.0 - beta1**t) if t > 0 and beta1 > 0 else 1.0)
+    buf = state.get("momentum_buffer")
+    if buf is None:
+        return None, 1.0
+    mu, t = float(group["momentum"]), max(steps, 1)
+    if not 0 < mu < 1:
+        return buf, 1.0
+    ema = isinstance(base, torch.optim.Muon)
+    return buf, (1.0 if ema else 1.0 - mu) / (1.0 - mu**t)
