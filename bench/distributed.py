@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "bench-results" / "distributed.md"))
-    p.add_argument("--run-dir", default=str(ROOT / "bench-out" / "distributed"))
+    p.add_argument("--run-dir", default=str(ROOT / "runs" / "bench" / "distributed"))
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -46,7 +46,10 @@ def main(argv=None) -> int:
     y = torch.randint(0, 10, (args.batch,), device=dev)
     makers = {
         "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+        "AdamW (fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
         f"OSFN d={args.d}": lambda ps: OSFN(ps, lr=1e-3, subspace_dim=args.d),
+        f"OSFN d={args.d} over fused AdamW": lambda ps: OSFN(base=torch.optim.AdamW(ps, lr=1e-3, fused=True),
+                                                            subspace_dim=args.d),
     }
     for k in args.every:
         makers[f"OSFN d={args.d} curvature_every={k}"] = lambda ps, k=k: OSFN(ps, lr=1e-3, subspace_dim=args.d, curvature_every=k)

@@ -8,7 +8,7 @@ from .core.errors import (
     OSFNError,
     VersionMismatchError,
 )
-from .dataflow.service import CurvatureService
+from .dataflow.curvature import CurvatureService
 from .optimizer import OSFN
 
 __all__ = [

@@ -17,7 +17,7 @@ from .dataflow.apply import check_version, newton_move, scatter_add, update_basi
 from .dataflow.collect import build_report, flat_gradient, write_back
 from .dataflow.exchange import Exchange, InProcessExchange
 from .dataflow.messages import FIXED_SETTINGS, LIVE_HYPERPARAMETERS
-from .dataflow.service import CurvatureService
+from .dataflow.curvature import CurvatureService
 from .dataflow.shard import REPLICATED, ShardedBasis
 
 WORKER_STATE_VERSION = 2

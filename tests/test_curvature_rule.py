@@ -6,7 +6,7 @@ from osfn_dist import OSFN
 from osfn_dist.core.basis_rule import explore_update
 from osfn_dist.core.config import OSFNConfig
 from osfn_dist.bench.ground_truth import principal_angles_deg, stiff_quadratic
-from osfn_dist.dataflow.service import CurvatureService
+from osfn_dist.dataflow.curvature import CurvatureService
 
 
 def test_only_the_flattest_eigen_directions_turn_whatever_their_gradient():

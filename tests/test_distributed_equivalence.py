@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from osfn_dist import OSFN
 from osfn_dist.dataflow.exchange import InProcessExchange
 from osfn_dist.dataflow.pipeline import PipelinedExchange
-from osfn_dist.dataflow.service import CurvatureService
+from osfn_dist.dataflow.curvature import CurvatureService
 from osfn_dist.workloads import get_workload
 
 STEPS = 50

@@ -9,7 +9,7 @@ from osfn_dist.core.errors import VersionMismatchError
 from osfn_dist.dataflow.exchange import InProcessExchange
 from osfn_dist.dataflow.messages import DirectionUpdate, Report
 from osfn_dist.dataflow.pipeline import PipelinedExchange
-from osfn_dist.dataflow.service import CurvatureService
+from osfn_dist.dataflow.curvature import CurvatureService
 from osfn_dist.workloads import get_workload
 
 HYPER = dict(lr=3e-3, subspace_dim=4)

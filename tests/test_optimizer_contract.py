@@ -320,7 +320,7 @@ def test_diagnostics_report_the_curvature_model():
 
 def test_core_and_dataflow_import_no_transport_packages():
     code = (
-        "import sys, osfn_dist.core.config, osfn_dist.core.subspace, osfn_dist.dataflow.service, "
+        "import sys, osfn_dist.core.config, osfn_dist.core.subspace, osfn_dist.dataflow.curvature, "
         "osfn_dist.dataflow.distributed, osfn_dist.optimizer\n"
         "bad = [m for m in ('ray', 'grpc', 'prometheus_client') if m in sys.modules]\n"
         "assert not bad, bad\n"

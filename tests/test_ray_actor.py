@@ -19,7 +19,7 @@ from osfn_dist.core.errors import CurvatureServiceUnavailable, VersionMismatchEr
 from osfn_dist.dataflow.exchange import InProcessExchange
 from osfn_dist.dataflow.messages import Report
 from osfn_dist.dataflow.pipeline import PipelinedExchange
-from osfn_dist.dataflow.service import CurvatureService
+from osfn_dist.dataflow.curvature import CurvatureService
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 

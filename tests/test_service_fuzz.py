@@ -15,7 +15,7 @@ grpc = pytest.importorskip("grpc")
 from osfn_dist import OSFNConfig  # noqa: E402
 from osfn_dist.core.errors import ConfigError, DimensionMismatchError, VersionMismatchError  # noqa: E402
 from osfn_dist.dataflow.messages import LIVE_HYPERPARAMETERS, Report  # noqa: E402
-from osfn_dist.dataflow.service import CurvatureService  # noqa: E402
+from osfn_dist.dataflow.curvature import CurvatureService  # noqa: E402
 from osfn_dist.service.client import GrpcExchange  # noqa: E402
 from osfn_dist.service.convert import _typed_hyper, report_to_proto, tensor_to_bytes  # noqa: E402
 from osfn_dist.service.errors import MalformedMessageError  # noqa: E402

@@ -17,7 +17,7 @@ from osfn_dist.core.errors import (  # noqa: E402
     ConfigError, CurvatureServiceUnavailable, DimensionMismatchError, VersionMismatchError,
 )
 from osfn_dist.dataflow.messages import Report  # noqa: E402
-from osfn_dist.dataflow.service import CurvatureService  # noqa: E402
+from osfn_dist.dataflow.curvature import CurvatureService  # noqa: E402
 from osfn_dist.service import torchrun_demo as demo  # noqa: E402
 from osfn_dist.service.client import CurvatureClient, GrpcExchange  # noqa: E402
 from osfn_dist.service.convert import report_to_proto  # noqa: E402

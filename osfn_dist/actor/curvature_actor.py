@@ -1,7 +1,7 @@
 """The curvature service as a Ray actor, and the exchange that talks to it.
 
 ``CurvatureActor`` is a thin wrapper: the math is the plain
-:class:`osfn_dist.dataflow.service.CurvatureService`, the same class that runs in-process.
+:class:`osfn_dist.dataflow.curvature.CurvatureService`, the same class that runs in-process.
 It is made remote by :func:`create_curvature_actor` (``num_cpus=0``: a side actor that asks
 for a CPU starves Ray Train workers on small machines), named and namespaced so workers,
 the driver and ``ray list actors`` can find it, owned by the driver (not detached: it ends
@@ -26,7 +26,7 @@ import time
 from ..core.config import OSFNConfig
 from ..core.errors import CurvatureServiceUnavailable, OSFNError
 from ..dataflow.messages import DirectionUpdate, Report
-from ..dataflow.service import CurvatureService
+from ..dataflow.curvature import CurvatureService
 
 DEFAULT_NAMESPACE = "osfn-dist"
 DEFAULT_TIMEOUT_S = 120.0

@@ -31,12 +31,12 @@ class SuiteConfig:
     grid: int = 4
     seeds: int = 3
     eval_points: int = 20
-    out_dir: str = "bench-out/full"
+    out_dir: str = "runs/bench/full"
     extra: dict = field(default_factory=dict)
 
     @classmethod
     def quick(cls, **kw) -> "SuiteConfig":
-        base = dict(workloads=QUICK_WORKLOADS, steps=150, grid=3, seeds=3, eval_points=10, out_dir="bench-out/quick")
+        base = dict(workloads=QUICK_WORKLOADS, steps=150, grid=3, seeds=3, eval_points=10, out_dir="runs/bench/quick")
         base.update({k: v for k, v in kw.items() if v is not None})
         return cls(**base)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from .messages import DirectionUpdate, Report
-from .service import CurvatureService
+from .curvature import CurvatureService
 
 
 @runtime_checkable

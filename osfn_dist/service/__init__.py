@@ -1,6 +1,6 @@
 """The curvature service over gRPC: server, client exchange, CLI (serve | status).
 
-- ``server.CurvatureServer``: serves ``dataflow.service.CurvatureService`` (one per job)
+- ``server.CurvatureServer``: serves ``dataflow.curvature.CurvatureService`` (one per job)
   with bearer-token auth, optional TLS, size limits, the standard health service and
   Prometheus metrics.
 - ``client.GrpcExchange``: an OSFN exchange that talks to that server, with retries.

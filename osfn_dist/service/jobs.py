@@ -25,7 +25,7 @@ import torch
 from ..core.config import OSFNConfig
 from ..core.errors import ConfigError, DimensionMismatchError
 from ..dataflow.messages import Report
-from ..dataflow.service import CurvatureService
+from ..dataflow.curvature import CurvatureService
 from .convert import update_to_proto
 
 STATE_FILE_FORMAT = 1
