@@ -74,7 +74,11 @@ def main(argv=None) -> int:
             cell = [[results[(v, w, tuple(sorted(extra.items())), s)] for s in range(args.seeds)] for _, extra in configs]
             means = [statistics.mean(loss for loss, _ in runs) for runs in cell]
             times = [statistics.median(t for _, t in runs) for runs in cell]
-            cells = [f"{means[0]:.4g}"] + [f"{m:.4g} ({100 * (m / means[0] - 1):+.0f}%)" for m in means[1:]]
+            # paired by seed: on how many seeds the Newton step lowered the loss
+            wins = [sum(a < b for (a, _), (b, _) in zip(runs, cell[0])) for runs in cell[1:]]
+            cells = [f"{means[0]:.4g}"] + [
+                f"{m:.4g} ({100 * (m / means[0] - 1):+.0f}%, {w}/{args.seeds} seeds better)" for m, w in zip(means[1:], wins)
+            ]
             ratio = " / ".join(f"{t / times[0]:.2f}×" for t in times[1:])
             print(f"| {w} ({PEER_LR[v][w]:g}) | " + " | ".join(cells) + f" | {ratio} |")
     print(f"\n{len(jobs)} runs in {time.time() - t0:.0f} s")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from osfn_dist import OSFN
+from osfn_dist import OSFN, InvalidReportError
 from osfn_dist.core.eigen import offdiag_ratio, qr_step, qr_sweep, track_eigenbasis
 from osfn_dist.core.regression import solve_symmetric_hessian
 from osfn_dist.core.saddle_free import saddle_free_step
@@ -136,7 +136,7 @@ def test_osfn_escapes_a_strict_saddle_that_attracts_exact_newton():
 
 
 def test_service_rejects_overflowing_report_and_keeps_its_state():
-    from osfn_dist import CurvatureService, DimensionMismatchError, OSFNConfig
+    from osfn_dist import CurvatureService, OSFNConfig
     from osfn_dist.dataflow.messages import Report
 
     svc = CurvatureService(OSFNConfig(subspace_dim=2))
@@ -144,7 +144,7 @@ def test_service_rejects_overflowing_report_and_keeps_its_state():
         upd = svc.exchange(Report(step=step, basis_version=svc.version, grad_coords=torch.tensor([0.1, -0.2], dtype=D64),
                                   grad_sqnorm=1.0, residual_sqnorm=0.9))
     before = svc.state_dict()
-    with pytest.raises(DimensionMismatchError, match="overflowed"):
+    with pytest.raises(InvalidReportError, match="overflowed"):
         svc.exchange(Report(step=6, basis_version=upd.new_version, grad_coords=torch.tensor([1e200, 1e200], dtype=D64),
                             grad_sqnorm=1e300, residual_sqnorm=1e300))
     after = svc.state_dict()

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 grpc = pytest.importorskip("grpc")
 
 from osfn_dist import OSFNConfig  # noqa: E402
-from osfn_dist.core.errors import ConfigError, DimensionMismatchError, VersionMismatchError  # noqa: E402
+from osfn_dist.core.errors import ConfigError, DimensionMismatchError, InvalidReportError, VersionMismatchError  # noqa: E402
 from osfn_dist.dataflow.messages import LIVE_HYPERPARAMETERS, Report  # noqa: E402
 from osfn_dist.dataflow.curvature import CurvatureService  # noqa: E402
 from osfn_dist.service.client import GrpcExchange  # noqa: E402
@@ -281,7 +281,7 @@ def test_the_plain_service_rejects_malformed_reports_before_mutating():
     @given(malformed_reports(version))
     def check(report):
         SENT["service"] += 1
-        with pytest.raises((DimensionMismatchError, VersionMismatchError, ConfigError)):
+        with pytest.raises((DimensionMismatchError, InvalidReportError, VersionMismatchError, ConfigError)):
             service.exchange(report)
 
     check()

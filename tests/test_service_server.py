@@ -14,7 +14,7 @@ grpc = pytest.importorskip("grpc")
 
 from osfn_dist import OSFN, OSFNConfig  # noqa: E402
 from osfn_dist.core.errors import (  # noqa: E402
-    ConfigError, CurvatureServiceUnavailable, DimensionMismatchError, VersionMismatchError,
+    ConfigError, CurvatureServiceUnavailable, DimensionMismatchError, InvalidReportError, VersionMismatchError,
 )
 from osfn_dist.dataflow.messages import Report  # noqa: E402
 from osfn_dist.dataflow.curvature import CurvatureService  # noqa: E402
@@ -153,9 +153,11 @@ def test_mismatched_messages_raise_typed_errors_and_leave_state_unchanged(server
         ex.exchange(report(2, version, settings={"subspace_rule": "replace"}))
     with pytest.raises(ConfigError, match="unknown settings"):
         ex.exchange(report(2, version, settings={"lr_schedule": "cosine"}))
-    with pytest.raises(DimensionMismatchError, match="non-finite"):
+    with pytest.raises(InvalidReportError, match="unknown hyperparameters in report"):  # its own type over gRPC
+        ex.exchange(report(2, version, hyper={"lr_warp": 1.0}))
+    with pytest.raises(InvalidReportError, match="non-finite"):
         ex.exchange(Report(step=2, basis_version=version, grad_coords=torch.full((D,), float("inf")), grad_sqnorm=1.0))
-    with pytest.raises(DimensionMismatchError, match="overflow"):  # finite, but overflows the statistics
+    with pytest.raises(InvalidReportError, match="overflow"):  # finite, but overflows the statistics
         ex.exchange(Report(step=2, basis_version=version, grad_coords=torch.full((D,), 1e200, dtype=torch.float64), grad_sqnorm=1e300))
     after = server.registry.get("default").service.state_dict()
     assert_same_state(before, after)

@@ -14,6 +14,11 @@ class DimensionMismatchError(OSFNError, ValueError):
     """A message or state whose shapes do not match the subspace or the model."""
 
 
+class InvalidReportError(OSFNError, ValueError):
+    """A report with non-finite values or fields this service does not know; it is rejected
+    and nothing in the curvature model changes."""
+
+
 class VersionMismatchError(OSFNError):
     """A direction update computed for another basis version than the worker holds."""
 

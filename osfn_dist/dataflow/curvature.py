@@ -18,7 +18,7 @@ import torch
 from ..core.basis_rule import ESCAPE_RATIO, capture_direction, choose_basis_update, explore_update
 from ..core.config import OSFNConfig
 from ..core.eigen import track_eigenbasis
-from ..core.errors import ConfigError, DimensionMismatchError, VersionMismatchError
+from ..core.errors import ConfigError, DimensionMismatchError, InvalidReportError, VersionMismatchError
 from ..core.regression import DTYPE, RegressionStats, solve_symmetric_hessian
 from ..core.saddle_free import saddle_free_step
 from .messages import FIXED_SETTINGS, LIVE_HYPERPARAMETERS, DirectionUpdate, Report
@@ -120,7 +120,7 @@ class CurvatureService:
             try:
                 update = self._exchange(report)
                 if not self._finite(update):
-                    raise DimensionMismatchError(
+                    raise InvalidReportError(
                         "report overflowed the curvature statistics (non-finite result); it was "
                         "rejected and the model left unchanged. Check the gradient scale"
                     )
@@ -144,35 +144,39 @@ class CurvatureService:
                 "the worker and the curvature service must use the same subspace_dim"
             )
         if not torch.isfinite(y).all() or not math.isfinite(report.grad_sqnorm) or report.grad_sqnorm < 0:
-            raise DimensionMismatchError("report holds non-finite or negative values; it was rejected")
+            raise InvalidReportError("report holds non-finite or negative values; it was rejected")
         if report.residual_sqnorm is not None and (
             not math.isfinite(report.residual_sqnorm) or report.residual_sqnorm < 0
         ):
-            raise DimensionMismatchError("report.residual_sqnorm must be finite and >= 0; it was rejected")
+            raise InvalidReportError("report.residual_sqnorm must be finite and >= 0; it was rejected")
         if not math.isfinite(report.residual_step_dot):
-            raise DimensionMismatchError("report.residual_step_dot is not finite; it was rejected")
+            raise InvalidReportError("report.residual_step_dot is not finite; it was rejected")
         if report.source_coords is not None:
             sc = torch.as_tensor(report.source_coords, dtype=DTYPE).flatten()
             sq = report.source_sqnorm
-            if sc.shape[0] != d or not torch.isfinite(sc).all() or sq is None or not math.isfinite(sq) or sq < 0:
-                raise DimensionMismatchError(
-                    f"report.source_coords must be {d} finite floats with a finite source_sqnorm >= 0"
-                )
+            if sc.shape[0] != d:
+                raise DimensionMismatchError(f"report.source_coords must be {d} floats, got {sc.shape[0]}")
+            if not torch.isfinite(sc).all() or sq is None or not math.isfinite(sq) or sq < 0:
+                raise InvalidReportError("report.source_coords must be finite with a finite source_sqnorm >= 0")
         for name in ("drift_coords", "prev_step_coords"):
             value = getattr(report, name)
             if value is not None:
                 coords = torch.as_tensor(value, dtype=DTYPE).flatten()
-                if coords.shape[0] != d or not torch.isfinite(coords).all():
-                    raise DimensionMismatchError(f"report.{name} must be {d} finite floats")
+                if coords.shape[0] != d:
+                    raise DimensionMismatchError(f"report.{name} must be {d} floats, got {coords.shape[0]}")
+                if not torch.isfinite(coords).all():
+                    raise InvalidReportError(f"report.{name} holds non-finite values; it was rejected")
         if report.worker_grad_coords is not None:
             w = torch.as_tensor(report.worker_grad_coords, dtype=DTYPE)
-            if w.ndim != 2 or w.shape[1] != d or not torch.isfinite(w).all():
-                raise DimensionMismatchError(
-                    f"worker_grad_coords must be finite with shape (workers, {d}), got {tuple(w.shape)}"
-                )
+            if w.ndim != 2 or w.shape[1] != d:
+                raise DimensionMismatchError(f"worker_grad_coords must have shape (workers, {d}), got {tuple(w.shape)}")
+            if not torch.isfinite(w).all():
+                raise InvalidReportError("worker_grad_coords holds non-finite values; it was rejected")
         unknown = set(report.hyper) - set(LIVE_HYPERPARAMETERS)
         if unknown:
-            raise DimensionMismatchError(f"unknown hyperparameters in report: {sorted(unknown)}")
+            raise InvalidReportError(
+                f"unknown hyperparameters in report: {sorted(unknown)} (a trainer of another osfn-dist version?); "
+                f"known: {', '.join(LIVE_HYPERPARAMETERS)}")
         self._check_settings(report.settings)
         self._validate_hyper(report.hyper)
         if report.basis_version != self.version:

@@ -1,7 +1,7 @@
 """Typed errors of the gRPC layer (the core errors live in ``osfn_dist.core.errors``)."""
 from __future__ import annotations
 
-from ..core.errors import ConfigError, DimensionMismatchError, OSFNError, VersionMismatchError
+from ..core.errors import ConfigError, DimensionMismatchError, InvalidReportError, OSFNError, VersionMismatchError
 
 
 class MalformedMessageError(OSFNError, ValueError):
@@ -20,5 +20,5 @@ class CurvatureServiceRejected(OSFNError, ValueError):
 # Sent by the server in the trailing metadata ``osfn-error`` so clients re-raise the same type.
 ERROR_TYPES: dict[str, type[Exception]] = {
     cls.__name__: cls
-    for cls in (MalformedMessageError, DimensionMismatchError, VersionMismatchError, ConfigError)
+    for cls in (MalformedMessageError, DimensionMismatchError, InvalidReportError, VersionMismatchError, ConfigError)
 }

@@ -22,7 +22,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from ..core.config import OSFNConfig
-from ..core.errors import ConfigError, DimensionMismatchError, VersionMismatchError
+from ..core.errors import ConfigError, DimensionMismatchError, InvalidReportError, VersionMismatchError
 from . import health
 from .auth import BearerTokenInterceptor, check_bind
 from .convert import report_from_proto, job_name, state_to_proto
@@ -35,7 +35,7 @@ log = logging.getLogger("osfn_dist.service")
 SERVICE_NAME = "osfn.v1.CurvatureService"
 DEFAULT_PORT = 50051
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
-_INVALID = (MalformedMessageError, DimensionMismatchError, VersionMismatchError, ConfigError)
+_INVALID = (MalformedMessageError, DimensionMismatchError, InvalidReportError, VersionMismatchError, ConfigError)
 
 
 class _Abort(Exception):
