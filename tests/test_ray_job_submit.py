@@ -99,6 +99,9 @@ def test_ray_job_submit_runs_osfn_dist_train(head_cluster, tmp_path):
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
     assert "succeeded" in log, log[-4000:]
+    # a quiet terminal: no per-report lines from Ray Train, no JSON dump; where the results are
+    assert "Reporting training result" not in log and '"worker_throughput"' not in log, log[-4000:]
+    assert f"results in {run_dir}" in log and len(log.splitlines()) <= 40, log
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["backend"] == "ray" and summary["num_workers"] == 2 and summary["steps"] == 20
     assert summary["actor_bytes_per_step"] > 0

@@ -72,13 +72,20 @@ def test_two_ray_workers_match_the_single_process_run(base_run, tmp_path):
     assert [r["step"] for r in records if "loss" in r] == [10, 20, 30, 40, 50]
 
 
-def test_resume_continues_the_same_trajectory(base_run, tmp_path):
+def test_resume_continues_the_same_trajectory(base_run, tmp_path, monkeypatch):
+    """--resume-from as docs/distributed.md writes it: a path relative to the driver's working
+    directory (the workers run elsewhere and must get it resolved)."""
+    import os
+
     from osfn_dist.train.ray_trainer import train_ray
 
     run_dir, _ = base_run
     ckpt = [p for p in (run_dir / "ray").rglob("step_00000025")][0]
     assert find_checkpoint(run_dir) != ckpt  # the run directory resolves to its latest (step 50)
-    summary = train_ray(_cfg(tmp_path / "resumed", resume_from=str(ckpt)), show_progress=False)
+    monkeypatch.chdir(run_dir.parent)
+    relative = os.path.relpath(ckpt, run_dir.parent)
+    assert not os.path.isabs(relative)
+    summary = train_ray(_cfg(tmp_path / "resumed", resume_from=relative), show_progress=False)
     assert summary["restarts"][0]["checkpoint_step"] == 25
     assert summary["restarts"][0]["actor_step"] == 25
     assert summary["worker_throughput"][0]["steps"] == STEPS - 25

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, OSFNError
 
 
 def _epilog() -> str:
@@ -59,7 +59,51 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, help="learning rate (complement lr for OSFN)")
     p.add_argument("--subspace-dim", type=int, help="OSFN subspace size d")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="print the whole summary (JSON) and Ray's own logs")
     p.set_defaults(func=run)
+
+
+# flags only Ray Train workers can honour: the local backend refuses them instead of ignoring them
+RAY_ONLY_FLAGS = {
+    "num_workers": "--num-workers", "address": "--address", "use_gpu": "--use-gpu", "staleness": "--staleness",
+    "shard_basis": "--shard-basis", "storage_path": "--storage-path", "max_failures": "--max-failures",
+    "actor_timeout": "--actor-timeout",
+}
+
+
+def _refuse_for_local(args, cfg) -> None:
+    given = [flag for key, flag in RAY_ONLY_FLAGS.items() if getattr(args, key, None) not in (None, False)]
+    if cfg.backend == "local" and given:
+        raise ConfigError(
+            f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} Ray Train workers; "
+            "the local backend runs one process. Drop --backend local (Ray is the default) or the flag")
+
+
+def _check_gpus(cfg) -> None:
+    """--use-gpu on a machine without CUDA: say so now, not after Ray's 60 s wait for GPUs."""
+    if not cfg.use_gpu or cfg.backend != "ray" or cfg.address or os.environ.get("RAY_ADDRESS"):
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have < cfg.num_workers:
+        raise ConfigError(
+            f"--use-gpu with {cfg.num_workers} workers needs {cfg.num_workers} GPUs; this machine has {have} "
+            f"(torch {torch.__version__}{'' if torch.version.cuda else ', a CPU-only build'}). Drop --use-gpu, "
+            "or join a GPU cluster with --address")
+
+
+def _print_summary(summary: dict, verbose: bool) -> None:
+    if verbose:
+        print(json.dumps(summary, indent=2, default=float))
+        return
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.4g}"
+    print(f"{summary['workload']} with {summary['optimizer']}: {summary['steps']} steps in "
+          f"{summary['wall_seconds']:.1f} s on {summary['num_workers']} worker(s) ({summary['backend']})")
+    print(f"  train loss {fmt(summary.get('final_loss'))}, test loss {fmt(summary.get('test_loss'))}")
+    print(f"  results in {summary['run_dir']} (summary.json, metrics.jsonl, loss.png"
+          + (", curvature.png" if summary["optimizer"] == "osfn" else "") + ")")
 
 
 def config_from_args(args):
@@ -110,16 +154,26 @@ def run(args) -> int:
     try:
         cfg = config_from_args(args)
         check_workload(cfg.workload)
+        _refuse_for_local(args, cfg)
+        _check_gpus(cfg)
+        if cfg.resume_from:
+            from .ray_checkpoint import find_checkpoint
+
+            find_checkpoint(cfg.resume_from)  # before any run directory is written
     except (ConfigError, ValueError) as exc:
         print(f"osfn-dist train: {exc}", file=sys.stderr)
         return 2
-    if cfg.backend == "ray":
-        from .ray_trainer import train_ray  # needs the ray extra
+    try:
+        if cfg.backend == "ray":
+            from .ray_trainer import train_ray  # needs the ray extra
 
-        summary = train_ray(cfg, show_progress=not args.no_progress)
-    else:
-        from .local import train_local
+            summary = train_ray(cfg, show_progress=not args.no_progress, verbose=args.verbose)
+        else:
+            from .local import train_local
 
-        summary = train_local(cfg, show_progress=not args.no_progress)
-    print(json.dumps(summary, indent=2, default=float))
+            summary = train_local(cfg, show_progress=not args.no_progress)
+    except OSFNError as exc:  # a checkpoint that does not fit, a port in use, ...: one sentence
+        print(f"osfn-dist train: {exc}", file=sys.stderr)
+        return 2
+    _print_summary(summary, args.verbose)
     return 0

@@ -17,6 +17,37 @@ def default_backend() -> str:
     return "ray" if importlib.util.find_spec("ray") is not None else "local"
 
 
+def _plain(value):
+    """YAML-safe: tuples as lists."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def resolved_optimizer(spec: dict) -> dict:
+    """Every hyperparameter the optimizer ran with, defaults included: OSFN's full config, or
+    the torch optimizer's constructor defaults (a run directory reproduces the run)."""
+    import inspect
+
+    spec = dict(spec)
+    name = spec.pop("name", "osfn")
+    if name == "osfn":
+        values = OSFNConfig(**{k: (tuple(v) if k == "betas" else v) for k, v in spec.items()}).as_dict()
+    else:
+        import torch
+
+        cls = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name]
+        params = inspect.signature(cls.__init__).parameters
+        values = {k: p.default for k, p in params.items()
+                  if k not in ("self", "params") and p.default is not inspect.Parameter.empty}
+        values.update(spec)
+    return {"name": name, **{k: _plain(v) for k, v in values.items()}}
+
+
+def resolved_config(cfg: "TrainConfig", **resolved) -> dict:
+    """The config a run actually used (config.yaml): flags, file, workload defaults and every
+    optimizer hyperparameter; fed back with --config it reproduces the run."""
+    return {**cfg.as_dict(), **resolved, "optimizer": resolved_optimizer(cfg.optimizer)}
+
+
 @dataclass
 class TrainConfig:
     workload: str = "mnist1d_mlp"
@@ -101,7 +132,13 @@ class TrainConfig:
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file {str(p)!r} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML ({problem} at{where or ' an unknown place'}); fix it or run without --config") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of train settings")
         return cls.from_dict({**data, **(overrides or {})})

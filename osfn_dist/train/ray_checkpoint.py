@@ -78,8 +78,10 @@ def load_state(directory: str | Path, rank: int, world_size: int, shard_basis: b
 
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory as given, or the latest one (highest step) below a run
-    directory or storage path."""
-    p = Path(path)
+    directory or storage path; always an absolute path."""
+    p = Path(path).resolve()  # workers run elsewhere (their own working directory, other nodes)
+    if p.is_file() and p.name in (STATE_FILE, "checkpoint.pt"):
+        raise ConfigError(f"{str(path)!r} is a file; pass its checkpoint directory or the run directory")
     if (p / STATE_FILE).exists():
         return p
     found = []

@@ -9,6 +9,7 @@ statistics.
 from __future__ import annotations
 
 import threading
+import time
 
 
 class RunLog:
@@ -65,6 +66,7 @@ class Poller:
         self.runlog, self.run, self.bar = runlog, run, bar
         self.interval_s = interval_s
         self.seen = 0
+        self._timing = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="osfn-progress", daemon=True)
 
@@ -90,6 +92,11 @@ class Poller:
             if "loss" in r:
                 last_loss = r["loss"]
         if self.bar is not None:
+            if step and not self._timing:
+                # the rate and ETA count from the first logged step: Ray's start-up is not training
+                self._timing = True
+                self.bar.start_t = self.bar.last_print_t = time.time()
+                self.bar.initial = step
             if step != self.bar.n:  # also moves back after a restart from a checkpoint
                 self.bar.n = step
                 if last_loss is not None:

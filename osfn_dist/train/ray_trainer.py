@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..core.errors import ConfigError
 from ..workloads import get_workload
-from .config import TrainConfig
+from .config import TrainConfig, resolved_config
 from .local import progress
 from .rundir import RunDir, default_run_dir
 
@@ -25,8 +25,13 @@ from .rundir import RunDir, default_run_dir
 RAY_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-def _connect(cfg: TrainConfig) -> bool:
-    """Connect to Ray; returns True when this call started a local Ray (to shut it down)."""
+def _connect(cfg: TrainConfig, verbose: bool = False) -> bool:
+    """Connect to Ray; returns True when this call started a local Ray (to shut it down).
+    Unless ``verbose``, Ray's own INFO lines (start-up, per-report lines from the workers)
+    stay out of the terminal: the progress bar and the summary are what a person reads, and a
+    failing worker's traceback still reaches the driver with the error."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
@@ -35,13 +40,15 @@ def _connect(cfg: TrainConfig) -> bool:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         # inside `ray job submit` the job's runtime env applies; ray.init() without num_cpus
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=verbose,
+                 logging_level=logging.INFO if verbose else logging.WARNING)
         return False
     for k, v in env.items():  # the local raylet (and so the Train controller) inherits these
         os.environ.setdefault(k, v)
     # The dashboard (when ray[default] is installed; next free port if 8265 is taken) serves
     # the state API that Ray Train's placement-group cleaner polls.
-    ray.init(num_cpus=max(cfg.num_workers, 1), log_to_driver=True)
+    ray.init(num_cpus=max(cfg.num_workers, 1), log_to_driver=verbose,
+             logging_level=logging.INFO if verbose else logging.WARNING)
     return True
 
 
@@ -54,7 +61,7 @@ def _resolve(cfg: TrainConfig):
     return workload, steps, batch
 
 
-def train_ray(cfg: TrainConfig, show_progress: bool = True, *, fault: dict | None = None) -> dict:
+def train_ray(cfg: TrainConfig, show_progress: bool = True, *, fault: dict | None = None, verbose: bool = False) -> dict:
     """Train ``cfg.workload`` with ``cfg.num_workers`` Ray Train workers; returns the summary
     (also written to ``summary.json``). ``fault`` is a chaos hook for tests (see ray_worker)."""
     import ray
@@ -72,11 +79,10 @@ def train_ray(cfg: TrainConfig, show_progress: bool = True, *, fault: dict | Non
     run = RunDir(cfg.run_dir or default_run_dir(workload.name))
     run_name = f"{run.path.name}-{uuid.uuid4().hex[:6]}"
     storage = cfg.storage_path or str((run.path / "ray").resolve())
-    resolved = {**cfg.as_dict(), "backend": "ray", "steps": steps, "batch_size": batch, "run_dir": str(run.path),
-                "storage_path": storage, "resume_from": str(resume) if resume else None}
-    run.write_config(resolved)
+    run.write_config(resolved_config(cfg, backend="ray", steps=steps, batch_size=batch, run_dir=str(run.path),
+                                     storage_path=storage, resume_from=str(resume) if resume else None))
 
-    started = _connect(cfg)
+    started = _connect(cfg, verbose)
     actor = runlog = None
     bar = poller = None
     try:
