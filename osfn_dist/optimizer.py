@@ -172,6 +172,8 @@ class OSFN(Optimizer):
         # after it (curvature_every > 1): the drift since then is θ − anchor
         self._anchor: torch.Tensor | None = None
         self._pair: torch.Tensor | None = None  # see _pair_buffer
+        self._presynced = None  # sync_gradients() ran for this step (see there)
+        self._synced_norm: float | None = None
         self._steps = 0
         self._skipped = 0
         self._last: dict = {}
@@ -369,19 +371,20 @@ class OSFN(Optimizer):
         self._check_source()
         hyper = self._live_hyper()
         params = self._params()
-        has_grad = [p.grad is not None for p in params]
+        synced, self._presynced = self._presynced, None
+        if synced is None:
+            synced = self._sync(params)
+        has_grad, curvature_step, grad, worker_coords = synced
         if not any(has_grad):
             return loss
-        for i, (p, ok) in enumerate(zip(params, has_grad)):
-            if ok and p.grad.is_sparse:
-                raise ConfigError(
-                    f"parameter {i} (shape {tuple(p.shape)}) has a sparse gradient; OSFN needs dense "
-                    "gradients (nn.Embedding(sparse=False)) or leave that parameter to a separate optimizer")
-        # curvature_every = k: the subspace machinery runs on steps 1, k+1, 2k+1, ...; in
-        # between only the base steps; the drift θ − anchor reaches the service with the next report
-        every = int(self.param_groups[0]["curvature_every"])
-        curvature_step = self.subspace_dim > 0 and (every == 1 or self._steps % every == 0)
-        grad, worker_coords = self._sync_gradients(params, has_grad, curvature_step)
+        if grad is not None and self._synced_norm is not None:
+            # sync_gradients() ran before unscale/clip: the base steps on p.grad as it is now
+            # (a uniform rescaling of what was averaged); take the flat gradient and the
+            # workers' projections along with it
+            grad = flat_gradient(params, grad.dtype, out=grad)
+            if worker_coords is not None and self._synced_norm > 0:
+                worker_coords = worker_coords * (float(torch.linalg.vector_norm(grad)) / self._synced_norm)
+        self._synced_norm = None
         if not _all_finite([p.grad for p, ok in zip(params, has_grad) if ok]):
             self._skipped += 1
             self._last = {**self._last, "skipped_steps": self._skipped}
@@ -399,6 +402,56 @@ class OSFN(Optimizer):
         else:
             self._curvature_step(params, has_grad, hyper, grad, worker_coords)
         return loss
+
+    def sync_gradients(self) -> None:
+        """Average the gradients across workers now (``gradient_sync`` only; a no-op
+        otherwise), so that what runs between backward and ``step()`` sees the same gradients
+        on every rank. The order for AMP and clipping::
+
+            scaler.scale(loss).backward()
+            opt.sync_gradients()              # all-reduce: every rank holds the same ḡ
+            scaler.unscale_(opt)              # found_inf is now the same on every rank
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)   # the global norm
+            scaler.step(opt); scaler.update()
+
+        ``step()`` then skips its own all-reduce. Without this call ``step()`` averages
+        itself, which is right when nothing inspects or rescales the gradients before it; with
+        GradScaler it is not (an overflow on one rank would make only that rank skip)."""
+        if self.gradient_sync is None:
+            return
+        synced = self._sync(self._params())
+        self._presynced = synced
+        grad = synced[2]
+        self._synced_norm = None if grad is None else float(torch.linalg.vector_norm(grad))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._presynced = self._synced_norm = None
+        super().zero_grad(set_to_none=set_to_none)
+
+    def _sync(self, params):
+        """(has_grad, curvature_step, flat averaged gradient or None, workers' projections or None)."""
+        has_grad = [p.grad is not None for p in params]
+        if self.gradient_sync is not None:
+            # every decision below must be common to all ranks: a parameter with a gradient on
+            # some rank has one (zeros) everywhere, so replicas move alike and none returns
+            # early while the others wait in the all-reduce
+            has_grad = self.gradient_sync.any_rank(has_grad)
+            for p, ok in zip(params, has_grad):
+                if ok and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        for i, (p, ok) in enumerate(zip(params, has_grad)):
+            if ok and p.grad.is_sparse:
+                raise ConfigError(
+                    f"parameter {i} (shape {tuple(p.shape)}) has a sparse gradient; OSFN needs dense "
+                    "gradients (nn.Embedding(sparse=False)) or leave that parameter to a separate optimizer")
+        # curvature_every = k: the subspace machinery runs on steps 1, k+1, 2k+1, ...; in
+        # between only the base steps; the drift θ − anchor reaches the service with the next report
+        every = int(self.param_groups[0]["curvature_every"])
+        curvature_step = self.subspace_dim > 0 and (every == 1 or self._steps % every == 0)
+        if not any(has_grad):
+            return has_grad, curvature_step, None, None
+        grad, worker_coords = self._sync_gradients(params, has_grad, curvature_step)
+        return has_grad, curvature_step, grad, worker_coords
 
     def _sync_gradients(self, params, has_grad, curvature_step):
         """Data parallel without DDP: average the gradients across workers (before the

@@ -9,7 +9,9 @@ update), the sharded basis and the pipelined exchange — checked step for step:
   deterministic: the update of step t is always the one computed from report t−1);
 - a basis sharded across the workers == the replicated basis (parameters and basis rows);
 - a sharded optimizer state round trip continues the same trajectory;
-- a failing leader exchange raises on every rank instead of leaving the others waiting.
+- a failing leader exchange raises on every rank instead of leaving the others waiting;
+- OSFN on DDP-averaged gradients (no GradientSync) == the single process;
+- a parameter that only one rank uses moves alike on every rank.
 
 One spawn runs every phase (starting processes is the slow part on 2 cores).
 """
@@ -103,6 +105,72 @@ def _run_phase(rank, world, staleness, shard, steps=STEPS, resume_at=None):
     return _flat(model), opt.basis.clone(), opt.state_dict()["osfn"]["basis_layout"]
 
 
+def _ddp_phase(rank, world, steps=STEPS):
+    """OSFN as a plain optimizer on DDP-averaged gradients (DDP keeps its bucketed overlap);
+    rank 0's in-process curvature service, its update broadcast (LeaderExchange)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from osfn_dist.dataflow.distributed import LeaderExchange
+
+    workload = get_workload("tiny_mlp", seed=0)
+    model = workload.build_model()
+    ddp = DistributedDataParallel(model)
+    opt = OSFN(ddp.parameters(), exchange=LeaderExchange(_service_exchange(0) if rank == 0 else None), **HYPER)
+    for _, x, y in workload.batches(steps, 0, workload.batch_size):
+        xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+        opt.zero_grad(set_to_none=True)
+        workload.loss_fn(ddp(xs), ys).backward()
+        opt.step()
+    return _flat(model)
+
+
+def _unused_on_one_rank_phase(rank, world, steps=15):
+    """A parameter only rank 0 uses: it has a gradient there and none on rank 1. Every rank
+    must still move it alike (GradientSync path)."""
+    from osfn_dist.dataflow.distributed import GradientSync, LeaderExchange
+
+    workload = get_workload("tiny_mlp", seed=0)
+    model = workload.build_model()
+    extra = torch.nn.Parameter(torch.ones(3))
+    opt = OSFN([*model.parameters(), extra], exchange=LeaderExchange(_service_exchange(0) if rank == 0 else None),
+               gradient_sync=GradientSync(), **HYPER)
+    for _, x, y in workload.batches(steps, 0, workload.batch_size):
+        xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+        opt.zero_grad(set_to_none=True)
+        loss = workload.loss_fn(model(xs), ys)
+        if rank == 0:
+            loss = loss + 0.1 * (extra**2).sum()
+        loss.backward()
+        opt.step()
+    return torch.cat([_flat(model), extra.detach()])
+
+
+def _grad_scaler_phase(rank, world, steps=12, overflow_at=5):
+    """GradScaler + clipping around GradientSync: sync → unscale → clip → step. An overflow
+    on rank 1 only must make *every* rank skip that step (found_inf read from the averaged
+    gradients) and clip by the global norm."""
+    from osfn_dist.dataflow.distributed import GradientSync, LeaderExchange
+
+    workload = get_workload("tiny_mlp", seed=0)
+    model = workload.build_model()
+    opt = OSFN(model.parameters(), exchange=LeaderExchange(_service_exchange(0) if rank == 0 else None),
+               gradient_sync=GradientSync(), **HYPER)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for step, x, y in workload.batches(steps, 0, workload.batch_size):
+        xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(workload.loss_fn(model(xs), ys)).backward()
+        if step == overflow_at and rank == 1:
+            next(model.parameters()).grad[0, 0] = float("inf")
+        opt.sync_gradients()
+        scaler.unscale_(opt)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        scaler.step(opt)
+        scaler.update()
+    return {"params": _flat(model), "scale": scaler.get_scale(), "osfn_steps": opt.diagnostics["step"],
+            "last_norm": float(norm)}
+
+
 def _tsqr_phase():
     from osfn_dist.core.subspace import cholesky_qr2
     from osfn_dist.dataflow.shard import ShardedBasis
@@ -131,6 +199,9 @@ def _worker(rank, world, port, out_dir):
             out[name] = _run_phase(rank, world, staleness, shard)
         out["sharded_resumed"] = _run_phase(rank, world, 0, True, resume_at=RESUME_AT)
         out["tsqr"] = _tsqr_phase()
+        out["ddp"] = _ddp_phase(rank, world)
+        out["unused"] = _unused_on_one_rank_phase(rank, world)
+        out["scaler"] = _grad_scaler_phase(rank, world)
         # a leader whose exchange fails: every rank must raise, none may hang
         leader = LeaderExchange(_FailingExchange() if rank == 0 else None)
         from osfn_dist.dataflow.messages import Report
@@ -233,3 +304,32 @@ def test_tsqr_across_workers_equals_qr_and_rescues_dependent_columns(two_workers
     torch.testing.assert_close(q, q_ref, rtol=0, atol=1e-10)
     fallback = torch.cat([p["fallback_rows"] for p in parts])
     torch.testing.assert_close(fallback.T @ fallback, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_osfn_on_ddp_averaged_gradients_matches_single_process(two_workers, single):
+    """DDP composes: OSFN steps on DDP's averaged gradients, 1e-5 relative to one process on
+    the whole batch after 50 steps, replicas in lock-step."""
+    assert _rel(two_workers[0]["ddp"], single[0]) < 1e-5
+    assert torch.equal(two_workers[0]["ddp"], two_workers[1]["ddp"])
+
+
+def test_a_parameter_with_a_gradient_on_one_rank_moves_alike_on_every_rank(two_workers):
+    a, b = two_workers[0]["unused"], two_workers[1]["unused"]
+    assert not torch.equal(a[-3:], torch.ones(3))  # it trained (rank 0's gradient, averaged)
+    assert torch.equal(a, b)
+
+
+def test_backend_device_reads_mixed_backends():
+    from osfn_dist.dataflow.distributed import backend_device
+
+    assert backend_device("gloo") == "cpu" and backend_device("nccl") == "cuda"
+    assert backend_device("cpu:gloo,cuda:nccl") == "cuda"  # was treated as CPU: GPU gradients through gloo
+    assert backend_device("cpu:gloo") == "cpu"
+
+
+def test_grad_scaler_overflow_on_one_rank_skips_the_step_on_every_rank(two_workers):
+    a, b = two_workers[0]["scaler"], two_workers[1]["scaler"]
+    assert a["osfn_steps"] == b["osfn_steps"] == 11  # 12 steps, the overflowing one skipped everywhere
+    assert a["scale"] == b["scale"] == 2.0**9  # halved once, on both ranks
+    assert a["last_norm"] == b["last_norm"]  # clipping saw the same (global) gradient
+    assert torch.equal(a["params"], b["params"])

@@ -16,9 +16,19 @@ import torch.distributed as dist
 from .messages import DirectionUpdate, Report
 
 
+def backend_device(backend: str) -> str:
+    """The device a process group's collectives take tensors on: "cuda" for NCCL, also in a
+    mixed backend such as "cpu:gloo,cuda:nccl" (the GPU path), else "cpu" (gloo)."""
+    backend = str(backend).lower()
+    if backend == "nccl" or "cuda:nccl" in backend or ("nccl" in backend and ":" not in backend):
+        return "cuda"
+    return "cpu"
+
+
 def _backend_device(group) -> torch.device:
-    backend = dist.get_backend(group)
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    if backend_device(dist.get_backend(group)) == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class GradientSync:
@@ -42,6 +52,12 @@ class GradientSync:
         if buf is not grad:
             grad.copy_(buf)
         return grad
+
+    def any_rank(self, flags: list[bool]) -> list[bool]:
+        """Element-wise OR of a list of flags across workers (one tiny all-reduce)."""
+        buf = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=_backend_device(self.group))
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.group)
+        return [bool(v) for v in buf.tolist()]
 
     def gather_coords(self, coords: torch.Tensor) -> torch.Tensor:
         """(d,) local projection → (N, d) float64 on the CPU, ordered by rank."""
