@@ -144,7 +144,7 @@ def test_service_rejects_overflowing_report_and_keeps_its_state():
         upd = svc.exchange(Report(step=step, basis_version=svc.version, grad_coords=torch.tensor([0.1, -0.2], dtype=D64),
                                   grad_sqnorm=1.0, residual_sqnorm=0.9))
     before = svc.state_dict()
-    with pytest.raises(InvalidReportError, match="overflowed"):
+    with pytest.raises(InvalidReportError, match="overflow"):
         svc.exchange(Report(step=6, basis_version=upd.new_version, grad_coords=torch.tensor([1e200, 1e200], dtype=D64),
                             grad_sqnorm=1e300, residual_sqnorm=1e300))
     after = svc.state_dict()

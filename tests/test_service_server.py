@@ -21,7 +21,9 @@ from osfn_dist.dataflow.curvature import CurvatureService  # noqa: E402
 from osfn_dist.service import torchrun_demo as demo  # noqa: E402
 from osfn_dist.service.client import CurvatureClient, GrpcExchange  # noqa: E402
 from osfn_dist.service.convert import report_to_proto  # noqa: E402
-from osfn_dist.service.errors import CurvatureServiceUnauthenticated, MalformedMessageError  # noqa: E402
+from osfn_dist.service.errors import (  # noqa: E402
+    CurvatureServiceUnauthenticated, MalformedMessageError, ReportOrderError,
+)
 from osfn_dist.service.health import health_pb2, health_pb2_grpc  # noqa: E402
 from osfn_dist.service.server import CurvatureServer  # noqa: E402
 from osfn_dist.service.v1 import curvature_pb2 as pb  # noqa: E402
@@ -218,10 +220,10 @@ def test_a_retried_report_gets_the_cached_update_and_does_not_step_twice(server)
     assert torch.equal(first.step_coef, again.step_coef) and again.new_version == first.new_version
     state = ex.get_state()
     assert state["step"] == 1 and state["exchanges"] == 1
-    # same key, different content: not a retry, so it is validated (and fails: stale version)
-    if first.new_version != 0:
-        with pytest.raises(VersionMismatchError):
-            ex.exchange(report(1, 0, seed=9))
+    # same step, different content: not a retry, and not a new step either (exactly once per step)
+    with pytest.raises(ReportOrderError, match="already took step 1"):
+        ex.exchange(report(1, 0, seed=9))
+    assert ex.get_state()["exchanges"] == 1
 
 
 def test_state_list_and_watch(server):
@@ -345,3 +347,19 @@ def test_raw_request_bytes_are_accepted_like_stub_requests(server):
             call(req.SerializeToString(), metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=5)
         )
     assert reply.step == 1
+
+
+def test_torchrun_demo_against_a_server_of_another_subspace_dim_is_one_sentence(tmp_path, capsys):
+    """docs/service.md's example against a server started without --subspace-dim 4: the demo
+    says what to do instead of a DimensionMismatchError traceback."""
+    srv = CurvatureServer(OSFNConfig(subspace_dim=8), port=0, token=TOKEN)
+    srv.start()
+    try:
+        token = tmp_path / "token.txt"
+        token.write_text(TOKEN)
+        rc = demo.main(["--address", f"127.0.0.1:{srv.port}", "--token-file", str(token), "--steps", "3"])
+    finally:
+        srv.stop(grace=0)
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "DimensionMismatchError" in err and "--subspace-dim 4" in err

@@ -24,6 +24,10 @@ from ..core.saddle_free import saddle_free_step
 from .messages import FIXED_SETTINGS, LIVE_HYPERPARAMETERS, DirectionUpdate, Report
 
 MIN_SAMPLES = 3  # a direction joins the Hessian estimate after this many samples
+# Report magnitudes beyond which the statistics (squares, products, the accumulated position)
+# overflow float64: finite but absurd values are refused up front, like non-finite ones.
+MAX_COORD = 1e150
+MAX_SQNORM = 1e300
 STATE_VERSION = 1
 
 
@@ -172,6 +176,7 @@ class CurvatureService:
                 raise DimensionMismatchError(f"worker_grad_coords must have shape (workers, {d}), got {tuple(w.shape)}")
             if not torch.isfinite(w).all():
                 raise InvalidReportError("worker_grad_coords holds non-finite values; it was rejected")
+        self._check_magnitudes(report, y)
         unknown = set(report.hyper) - set(LIVE_HYPERPARAMETERS)
         if unknown:
             raise InvalidReportError(
@@ -189,6 +194,33 @@ class CurvatureService:
                     "same checkpoint)"
                 )
         return y
+
+    @staticmethod
+    def _check_magnitudes(report: Report, y: torch.Tensor) -> None:
+        """Finite values so large that their squares overflow (after the finiteness checks)."""
+        arrays = {"grad_coords": y}
+        for name in ("source_coords", "prev_step_coords", "drift_coords", "worker_grad_coords"):
+            if getattr(report, name) is not None:
+                arrays[name] = torch.as_tensor(getattr(report, name), dtype=DTYPE)
+        for name, t in arrays.items():
+            biggest = float(t.abs().max()) if t.numel() else 0.0
+            if biggest > MAX_COORD:
+                raise InvalidReportError(
+                    f"report.{name} holds values up to {biggest:.3g} in magnitude; beyond {MAX_COORD:g} their "
+                    "squares overflow the curvature statistics. It was rejected; check the gradient scale"
+                )
+        if abs(report.residual_step_dot) > MAX_COORD:
+            raise InvalidReportError(
+                f"report.residual_step_dot={report.residual_step_dot:.3g} is beyond {MAX_COORD:g} and would "
+                "overflow the curvature statistics; it was rejected"
+            )
+        for name in ("grad_sqnorm", "source_sqnorm", "residual_sqnorm"):
+            value = getattr(report, name)
+            if value is not None and value > MAX_SQNORM:
+                raise InvalidReportError(
+                    f"report.{name}={value:.3g} is beyond {MAX_SQNORM:g} (overflow territory: a squared norm of "
+                    "values above 1e150); it was rejected. Check the gradient scale"
+                )
 
     def _check_settings(self, settings: dict) -> None:
         unknown = set(settings) - set(FIXED_SETTINGS)

@@ -3,8 +3,10 @@
 - Every CurvatureService call must carry ``authorization: Bearer <token>``; the health
   service stays open so load balancers and Kubernetes probes need no secret.
 - A server without a token only binds loopback addresses.
-- Tokens come from a file (``--token-file``, whitespace stripped) or the environment
-  variable ``OSFN_TOKEN``.
+- Tokens come from a file (``--token-file``) or the environment variable ``OSFN_TOKEN``;
+  surrounding whitespace is stripped on both sides (server and client) from either source.
+- A refused call is answered before its request body is read (the refusal handler is a
+  request-streaming one that never reads), so wrong-token traffic costs no buffers.
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ AUTH_HEADER = "authorization"
 
 def read_token(token: str | None = None, token_file: str | None = None, env: bool = True) -> str | None:
     """The first of: ``token``, the contents of ``token_file``, ``$OSFN_TOKEN``; else None."""
-    if token:
-        return token
+    if token and token.strip():
+        return token.strip()
     if token_file:
         try:
             with open(token_file, encoding="utf-8") as fh:
@@ -35,7 +37,7 @@ def read_token(token: str | None = None, token_file: str | None = None, env: boo
             raise ConfigError(f"the token file {token_file!r} is empty; put the shared secret in it")
         return value
     if env:
-        return os.environ.get(TOKEN_ENV) or None
+        return (os.environ.get(TOKEN_ENV) or "").strip() or None
     return None
 
 
@@ -58,24 +60,26 @@ def check_bind(host: str, token: str | None) -> None:
 
 
 def _deny(handler: grpc.RpcMethodHandler, detail: str) -> grpc.RpcMethodHandler:
-    def abort(request, context):
+    """A handler that refuses without reading the request: the synchronous server reads a
+    unary request in full before calling its handler, a request-streaming handler only when
+    it iterates (this one never does)."""
+    def abort(request_iterator, context):
         context.abort(grpc.StatusCode.UNAUTHENTICATED, detail)
 
     if handler is None:
         return None
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort)
-    return grpc.unary_unary_rpc_method_handler(abort)
+        return grpc.stream_stream_rpc_method_handler(abort)
+    return grpc.stream_unary_rpc_method_handler(abort)
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Rejects calls without the right bearer token with UNAUTHENTICATED (health is open)."""
 
     def __init__(self, token: str, on_denied=None):
+        token = token.strip()
+        if not token:
+            raise ValueError("the bearer token is empty")
         self._expected = token.encode()
         self._on_denied = on_denied  # callback(method) for metrics
 

@@ -10,12 +10,14 @@
                exchange=LeaderExchange(GrpcExchange(addr, token) if rank == 0 else None))
 
 Failures: UNAVAILABLE / DEADLINE_EXCEEDED are retried with exponential backoff and jitter
-(the server restarting, a network blip); after ``retries`` retries the exchange raises
-``CurvatureServiceUnavailable``. Retrying is safe: the server answers an identical report
-with its cached update instead of stepping twice. INVALID_ARGUMENT raises the server's
-typed error (``DimensionMismatchError``, ``VersionMismatchError``, ``ConfigError``,
-``MalformedMessageError``); UNAUTHENTICATED raises ``CurvatureServiceUnauthenticated``.
-Neither is retried.
+(the server restarting, a network blip, a state-file write that failed and was rolled
+back); after ``retries`` retries the exchange raises ``CurvatureServiceUnavailable``.
+Retrying is safe: exchanges are exactly-once per (job, step), and the server answers an
+identical report with its cached update instead of stepping twice. INVALID_ARGUMENT raises
+the server's typed error (``DimensionMismatchError``, ``InvalidReportError``,
+``VersionMismatchError``, ``ConfigError``, ``MalformedMessageError``, ``ReportOrderError``
+for a different report for a step already taken or an earlier step); UNAUTHENTICATED
+raises ``CurvatureServiceUnauthenticated``. Neither is retried.
 """
 from __future__ import annotations
 
@@ -148,6 +150,11 @@ class CurvatureClient:
 
     def list_jobs(self) -> list[str]:
         return list(self.call("ListJobs", pb.ListJobsRequest()).jobs)
+
+    def delete_job(self, job: str | None = None) -> int:
+        """Forget a job's curvature model on the server (and in its state file); returns the
+        number of jobs left. LookupError if the server has no such job."""
+        return int(self.call("DeleteJob", pb.DeleteJobRequest(job=job or self.job)).remaining_jobs)
 
     def watch_state(self, job: str | None = None, min_interval_s: float = 0.0):
         """Yields state dicts: now, then after each exchange. Not retried; stop by closing."""

@@ -36,13 +36,15 @@ def register(subparsers) -> None:
     serve.add_argument("--metrics-host", help="address for /metrics (default: --host)")
     serve.add_argument("--subspace-dim", type=int, default=None, help="subspace size d (default 8)")
     serve.add_argument("--config", help="YAML file whose 'optimizer:' section holds OSFNConfig fields")
-    serve.add_argument("--state-file", help="save every job's curvature state here and resume from it")
+    serve.add_argument("--state-file", help="save every job's curvature state here (an append-only, checksummed "
+                       "log; its directory must exist; locked against a second server) and resume from it")
     serve.add_argument("--save-every", type=int, default=1,
-                       help="write the state file every N exchanges (default 1: before each reply; "
+                       help="save a job every N of its exchanges (default 1: before each reply; "
                        "0: only at shutdown)")
     serve.add_argument("--max-message-bytes", type=int, default=8 * 1024 * 1024)
     serve.add_argument("--max-jobs", type=int, default=256)
-    serve.add_argument("--max-workers", type=int, default=64, help="gRPC handler threads")
+    serve.add_argument("--max-workers", type=int, default=64,
+                       help="gRPC handler threads (>= 4; WatchState streams may use half, Health/Watch an eighth)")
     serve.add_argument("--allow-stale", action="store_true",
                        help="accept reports one basis version behind (pipelined workers)")
     serve.set_defaults(func=serve_main)
@@ -126,9 +128,14 @@ def serve_main(args: argparse.Namespace) -> int:
     )
     while not stop.wait(0.5):
         pass
-    server.stop(grace=2.0)
-    if metrics is not None:
-        metrics.shutdown()
+    try:
+        server.stop(grace=2.0)
+    except OSFNError as exc:
+        print(f"osfn-dist serve: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if metrics is not None:
+            metrics.shutdown()
     print("osfn-dist serve: stopped" + (f", state saved to {args.state_file}" if args.state_file else ""), flush=True)
     return 0
 

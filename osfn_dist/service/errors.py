@@ -13,6 +13,18 @@ class CurvatureServiceUnauthenticated(OSFNError, PermissionError):
     """The server refused the call: missing or wrong bearer token (UNAUTHENTICATED)."""
 
 
+class ReportOrderError(OSFNError, ValueError):
+    """A report whose step does not follow the job's last accepted step: exchanges are
+    exactly-once per (job, step). Resending the identical last report gets the cached reply;
+    a different report for that step, an older step, or a step outside [1, 2**53] is refused
+    (INVALID_ARGUMENT) and nothing changes."""
+
+
+class StateFileError(OSFNError):
+    """The server's --state-file cannot be used: missing directory, locked by another
+    server, corrupt, or a write that failed (the exchange was then rolled back)."""
+
+
 class CurvatureServiceRejected(OSFNError, ValueError):
     """The server rejected the request as invalid for a reason without a more specific type."""
 
@@ -20,5 +32,8 @@ class CurvatureServiceRejected(OSFNError, ValueError):
 # Sent by the server in the trailing metadata ``osfn-error`` so clients re-raise the same type.
 ERROR_TYPES: dict[str, type[Exception]] = {
     cls.__name__: cls
-    for cls in (MalformedMessageError, DimensionMismatchError, InvalidReportError, VersionMismatchError, ConfigError)
+    for cls in (
+        MalformedMessageError, DimensionMismatchError, InvalidReportError, VersionMismatchError, ConfigError,
+        ReportOrderError,
+    )
 }

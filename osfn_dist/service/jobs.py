@@ -1,34 +1,38 @@
-"""One curvature model per training job, with retry-safe exchanges and a state file.
+"""One curvature model per training job, with exactly-once exchanges and a state file.
 
-- Idempotency: a job remembers its last accepted report (key (step, basis_version) and a
-  digest of its bytes) and the encoded reply; an identical report sent again (a client
-  retrying after a lost reply or a server restart) gets that reply again instead of
-  stepping the model twice.
+- Exactly once per (job, step): a job remembers its last accepted report (its step, a digest
+  of its bytes) and the encoded reply. The identical report sent again (a client retrying
+  after a lost reply or a server restart) gets that reply again; a *different* report for
+  that step, a report for an earlier step, or a step outside [1, 2**53] is refused with
+  ``ReportOrderError`` and nothing changes. Steps must increase, not necessarily by one
+  (``curvature_every > 1`` and skipped non-finite steps leave gaps).
 - All-or-nothing: the service validates before it mutates; on top of that a job restores
-  the previous state when an exchange raises unexpectedly or drives the model to
-  non-finite values (e.g. finite but absurdly large projections that overflow), so a bad
-  message never leaves a half-updated model behind.
-- Persistence (optional): every job's state and its cached reply go to one file
-  (``torch.save``; written to a temporary file, then renamed). With ``save_every=1`` the
-  file is written before a reply leaves the server, so a server killed at any moment
-  restarts exactly where its clients are.
+  the previous state when an exchange raises unexpectedly, drives the model to non-finite
+  values (e.g. finite but absurdly large projections that overflow) or cannot be saved, so
+  a bad message or a full disk never leaves a half-updated or unsaved-but-acknowledged model.
+- Persistence (optional, ``statelog.StateLog``): each accepted exchange appends its own job's
+  record to an append-only, checksummed log and waits for it to reach the disk before the
+  reply leaves (``save_every=1``), so a server killed at any moment restarts exactly where
+  its clients are. The cost per exchange does not depend on the number of jobs, and no
+  global lock is held while writing.
 """
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import time
 
 import torch
 
 from ..core.config import OSFNConfig
-from ..core.errors import ConfigError, DimensionMismatchError
+from ..core.errors import InvalidReportError
 from ..dataflow.messages import Report
 from ..dataflow.curvature import CurvatureService
 from .convert import update_to_proto
+from .errors import ReportOrderError, StateFileError
+from .statelog import StateLog, encode_record
 
-STATE_FILE_FORMAT = 1
+MAX_STEP = 2**53  # steps are counted in doubles elsewhere; anything above is a corrupt report
 
 
 class JobNotFound(LookupError):
@@ -40,7 +44,7 @@ class TooManyJobs(RuntimeError):
 
 
 class _Retired(Exception):
-    """The job was dropped (its first report failed) while this call waited for it."""
+    """The job was dropped (its first report failed, or DeleteJob) while this call waited for it."""
 
 
 def digest(data: bytes) -> bytes:
@@ -66,36 +70,80 @@ class Job:
         self.last_key: tuple[int, int] | None = None
         self.last_digest = b""
         self.last_reply = b""
-        self.saved: dict | None = None  # the job's state as of its last accepted exchange
+        self.unsaved = 0  # accepted exchanges not in the state file yet
         self.retired = False  # dropped from the registry; callers holding it must look again
 
-    def exchange(self, report: Report, request_digest: bytes, persist: bool) -> tuple[bytes, bool]:
-        """Returns (encoded DirectionUpdate, whether it is a replay of the cached reply)."""
-        key = (int(report.step), int(report.basis_version))
+    def _check_order(self, step: int, request_digest: bytes) -> bool:
+        """True: the identical last report again (answer from the cache). Raises
+        ReportOrderError for anything else that is not a new, later step."""
+        if not 1 <= step <= MAX_STEP:
+            raise ReportOrderError(
+                f"job {self.name!r}: report step {step} is outside [1, 2**53]; steps count from 1"
+            )
+        if self.last_key is None:
+            return False
+        last = self.last_key[0]
+        if step == last:
+            if request_digest == self.last_digest:
+                return True
+            raise ReportOrderError(
+                f"job {self.name!r} already took step {step} with a different report: a retry must resend "
+                f"the identical report, a new step needs a step number above {last}. Two trainers on one "
+                "job name? Give each its own job"
+            )
+        if step < last:
+            raise ReportOrderError(
+                f"job {self.name!r} is at step {last}; a report for step {step} is out of order (a late "
+                "duplicate, or a trainer resumed from an older checkpoint: resume it under a new job name "
+                "or delete the job first)"
+            )
+        return False
+
+    def exchange(self, report: Report, request_digest: bytes, persist=None) -> tuple[bytes, bool]:
+        """Returns (encoded DirectionUpdate, whether it is a replay of the cached reply).
+        ``persist(job, record)``, if given, must write the job's record durably or raise; the
+        exchange is rolled back when it raises."""
+        step = int(report.step)
         with self.lock:
             if self.retired:
                 raise _Retired()
-            if key == self.last_key and request_digest == self.last_digest:
+            if self._check_order(step, request_digest):
                 return self.last_reply, True
             before = self.service.state_dict()
+            before_meta = (self.last_key, self.last_digest, self.last_reply, self.exchanges, self.updated_unix_s)
             try:
                 update = self.service.exchange(report)
                 if not _service_finite(self.service, update):
-                    raise DimensionMismatchError(
+                    raise InvalidReportError(
                         "the report drove the curvature model to non-finite values (overflow); it was "
                         "rejected and the model kept its previous state"
                     )
+            except torch.linalg.LinAlgError as exc:
+                self.service.load_state_dict(before)
+                raise InvalidReportError(
+                    f"the report made the curvature solve fail ({exc}); it was rejected and the model kept "
+                    "its previous state. Check the gradient and step scale"
+                ) from None
             except Exception:
                 # The service validates before it mutates; restoring also covers overflow and
                 # any unexpected failure half-way through an exchange.
                 self.service.load_state_dict(before)
                 raise
             reply = update_to_proto(update).SerializeToString()
-            self.last_key, self.last_digest, self.last_reply = key, request_digest, reply
+            self.last_key, self.last_digest, self.last_reply = (step, int(report.basis_version)), request_digest, reply
             self.exchanges += 1
             self.updated_unix_s = time.time()
-            if persist:
-                self.saved = self._state_dict_locked()
+            self.unsaved += 1
+            if persist is not None and persist(self):
+                try:
+                    persist_record = self._record_locked()
+                    persist(self, persist_record)
+                except BaseException:
+                    self.service.load_state_dict(before)
+                    (self.last_key, self.last_digest, self.last_reply, self.exchanges, self.updated_unix_s) = before_meta
+                    self.unsaved -= 1
+                    raise
+                self.unsaved = 0
         with self.changed:
             self.seq += 1
             self.changed.notify_all()
@@ -111,6 +159,9 @@ class Job:
             "updated_unix_s": self.updated_unix_s,
         }
 
+    def _record_locked(self) -> bytes:
+        return encode_record({"kind": "job", "job": self.name, "state": self._state_dict_locked()})
+
     def state_dict(self) -> dict:
         with self.lock:
             return self._state_dict_locked()
@@ -118,12 +169,12 @@ class Job:
     def load_state_dict(self, sd: dict) -> None:
         with self.lock:
             self.service.load_state_dict(sd["service"])
-            self.last_key = tuple(sd["last_key"]) if sd.get("last_key") is not None else None
-            self.last_digest = sd.get("last_digest", b"")
-            self.last_reply = sd.get("last_reply", b"")
+            self.last_key = tuple(int(v) for v in sd["last_key"]) if sd.get("last_key") is not None else None
+            self.last_digest = bytes(sd.get("last_digest", b""))
+            self.last_reply = bytes(sd.get("last_reply", b""))
             self.exchanges = int(sd.get("exchanges", 0))
             self.updated_unix_s = float(sd.get("updated_unix_s", 0.0))
-            self.saved = self._state_dict_locked()
+            self.unsaved = 0
 
 
 class JobRegistry:
@@ -133,15 +184,17 @@ class JobRegistry:
         self, config: OSFNConfig, allow_stale: bool = False, max_jobs: int = 256,
         state_file: str | None = None, save_every: int = 1,
     ):
+        if int(save_every) < 0:
+            raise StateFileError(f"--save-every {save_every} must be >= 0 (0: only at shutdown)")
         self.config = config
         self.allow_stale = allow_stale
         self.max_jobs = max_jobs
         self.state_file = state_file
-        self.save_every = save_every
+        self.save_every = int(save_every)
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
-        self._save_lock = threading.Lock()
-        self._unsaved = 0
+        self._log: StateLog | None = None
+        self.deleted = 0
 
     # ------------------------------------------------------------ jobs
     def get(self, name: str) -> Job:
@@ -161,18 +214,25 @@ class JobRegistry:
             if job is None:
                 if len(self._jobs) >= self.max_jobs:
                     raise TooManyJobs(
-                        f"this server already holds {self.max_jobs} jobs (--max-jobs); reuse a job name "
-                        "or start the server with a larger --max-jobs"
+                        f"this server already holds {self.max_jobs} jobs (--max-jobs); reuse a job name, "
+                        "delete finished jobs (DeleteJob) or start the server with a larger --max-jobs"
                     )
                 job = self._jobs[name] = Job(name, CurvatureService(self.config, allow_stale=self.allow_stale))
             return job
+
+    def _persist(self, job: Job, record: bytes | None = None):
+        """Called twice under the job's lock: without a record it answers whether this
+        exchange must be saved now; with one it appends it (raising leaves the log unchanged)."""
+        if record is None:
+            return self._log is not None and self.save_every > 0 and job.unsaved >= self.save_every
+        self._log.append(job.name, record)
+        return True
 
     def exchange(self, name: str, report: Report, request_digest: bytes) -> tuple[bytes, bool]:
         while True:
             job = self._get_or_create(name)
             try:
-                reply, replay = job.exchange(report, request_digest, persist=self.state_file is not None)
-                break
+                return job.exchange(report, request_digest, persist=self._persist if self._log else None)
             except _Retired:
                 continue
             except Exception:
@@ -182,47 +242,65 @@ class JobRegistry:
                         del self._jobs[name]
                         job.retired = True
                 raise
-        if not replay and self.state_file and self.save_every:
-            with self._save_lock:
-                self._unsaved += 1
-                due = self._unsaved >= self.save_every
-            if due:
-                self.save()  # before the reply leaves: a crash never loses an acknowledged step
-        return reply, replay
+
+    def delete(self, name: str) -> bool:
+        """Forget a job (and record that in the state file); False if there was none."""
+        with self._lock:
+            job = self._jobs.get(name)
+        if job is None:
+            return False
+        with job.lock:
+            if job.retired:
+                return False
+            if self._log is not None:
+                self._log.append(name, None)  # raises (and nothing changes) if it cannot be saved
+            with self._lock:
+                if self._jobs.get(name) is job:
+                    del self._jobs[name]
+            job.retired = True
+            self.deleted += 1
+        with job.changed:
+            job.seq += 1
+            job.changed.notify_all()
+        return True
 
     # ------------------------------------------------------ persistence
     def save(self) -> None:
-        if not self.state_file:
+        """Write every job's unsaved exchanges and compact the state file (at shutdown)."""
+        if self._log is None:
             return
-        with self._save_lock:
-            with self._lock:
-                jobs = {n: j.saved for n, j in self._jobs.items() if j.saved is not None}
-            tmp = f"{self.state_file}.tmp.{os.getpid()}"
-            with open(tmp, "wb") as fh:
-                torch.save({"format": STATE_FILE_FORMAT, "subspace_dim": self.config.subspace_dim, "jobs": jobs}, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.state_file)
-            self._unsaved = 0
+        with self._lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            with job.lock:
+                if job.unsaved and not job.retired and (job.exchanges or job.service.step):
+                    self._log.append(job.name, job._record_locked())
+                    job.unsaved = 0
+        self._log.flush()
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def load(self) -> int:
-        """Restore every job from the state file if it exists; returns the number of jobs."""
-        if not self.state_file or not os.path.exists(self.state_file):
+        """Open the state file (check its directory, lock it, remove leftovers of a killed
+        save) and restore every job in it; returns the number of jobs."""
+        if not self.state_file:
             return 0
-        data = torch.load(self.state_file, weights_only=True)
-        if data.get("format") != STATE_FILE_FORMAT:
-            raise ConfigError(
-                f"state file {self.state_file} has format {data.get('format')!r}, this build reads "
-                f"{STATE_FILE_FORMAT}; move it away to start fresh"
-            )
-        if data.get("subspace_dim") != self.config.subspace_dim:
-            raise DimensionMismatchError(
-                f"state file {self.state_file} holds models with subspace_dim={data.get('subspace_dim')}, "
-                f"the server was started with {self.config.subspace_dim}; pass the same --subspace-dim"
-            )
-        for name, sd in data["jobs"].items():
-            job = Job(name, CurvatureService(self.config, allow_stale=self.allow_stale))
-            job.load_state_dict(sd)
-            with self._lock:
-                self._jobs[name] = job
-        return len(data["jobs"])
+        log_ = StateLog(self.state_file, self.config.subspace_dim)
+        states = log_.open()
+        try:
+            for name, sd in states.items():
+                job = Job(name, CurvatureService(self.config, allow_stale=self.allow_stale))
+                job.load_state_dict(sd)
+                with self._lock:
+                    self._jobs[name] = job
+        except Exception as exc:
+            log_.close()
+            raise StateFileError(
+                f"state file {self.state_file} holds a job that cannot be restored ({type(exc).__name__}: {exc}); "
+                "move the file away to start fresh"
+            ) from None
+        self._log = log_
+        return len(states)

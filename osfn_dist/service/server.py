@@ -10,6 +10,11 @@ mismatched message is answered with INVALID_ARGUMENT and a reason, and a trailin
 entry ``osfn-error: <error type>`` the client turns back into the same typed error. A
 request larger than ``max_message_bytes`` is INVALID_ARGUMENT; one beyond the transport cap
 (2 × that + 64 KiB) is cut off by gRPC itself with RESOURCE_EXHAUSTED.
+
+Streams hold a handler thread each (synchronous gRPC server), so they are bounded: WatchState
+streams to half of ``max_workers``, the open Health/Watch streams to an eighth (and half of
+that per client address); both end as soon as their client cancels. The rest of the threads
+always remain for unary calls.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from ..core.errors import ConfigError, DimensionMismatchError, InvalidReportErro
 from . import health
 from .auth import BearerTokenInterceptor, check_bind
 from .convert import report_from_proto, job_name, state_to_proto
-from .errors import MalformedMessageError
+from .errors import MalformedMessageError, ReportOrderError, StateFileError
 from .jobs import JobNotFound, JobRegistry, TooManyJobs, digest
 from .v1 import curvature_pb2 as pb
 
@@ -35,7 +40,11 @@ log = logging.getLogger("osfn_dist.service")
 SERVICE_NAME = "osfn.v1.CurvatureService"
 DEFAULT_PORT = 50051
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
-_INVALID = (MalformedMessageError, DimensionMismatchError, InvalidReportError, VersionMismatchError, ConfigError)
+_INVALID = (
+    MalformedMessageError, DimensionMismatchError, InvalidReportError, VersionMismatchError, ConfigError,
+    ReportOrderError,
+)
+MIN_WORKERS = 4
 
 
 class _Abort(Exception):
@@ -64,6 +73,10 @@ class CurvatureServer:
         allow_stale: bool = False,
         metrics=None,
     ):
+        if token is not None:
+            token = token.strip()  # as read_token does on the client side
+            if not token:
+                raise ConfigError("the bearer token is empty; put the shared secret in --token-file or $OSFN_TOKEN")
         check_bind(host, token)
         if bool(tls_cert) != bool(tls_key):
             raise ConfigError("TLS needs both --tls-cert and --tls-key")
@@ -73,14 +86,21 @@ class CurvatureServer:
         self.tls_cert, self.tls_key = tls_cert, tls_key
         self.max_message_bytes = int(max_message_bytes)
         self.max_workers = int(max_workers)
-        self.max_watchers = max(1, self.max_workers // 2)  # streams hold a thread each
+        if self.max_workers < MIN_WORKERS:
+            raise ConfigError(f"--max-workers {max_workers} is too small; the server needs at least {MIN_WORKERS}")
+        # streams hold a thread each: WatchState may use half of them, Health/Watch an eighth
+        self.max_watchers = max(1, self.max_workers // 2)
+        self.max_health_watchers = max(1, self.max_workers // 8)
         self.registry = JobRegistry(self.config, allow_stale, max_jobs, state_file, save_every)
         self.metrics = metrics  # a metrics.exporter.ServiceMetrics or None
-        self.restored_jobs = self.registry.load()
-        self._health = health.HealthServicer(("", SERVICE_NAME))
+        self.restored_jobs = self.registry.load()  # checks, locks and loads the state file
+        self._health = health.HealthServicer(
+            ("", SERVICE_NAME), self.max_health_watchers, max(1, self.max_health_watchers // 2),
+        )
         self._server: grpc.Server | None = None
         self._stopping = threading.Event()
-        self._watchers = 0
+        self._watch_slots = health.StreamSlots(self.max_watchers, self.max_watchers)
+        self._watch_events: set[threading.Event] = set()
         self._watch_lock = threading.Lock()
 
     # ---------------------------------------------------------- lifecycle
@@ -111,8 +131,10 @@ class CurvatureServer:
             else:
                 bound = server.add_insecure_port(address)
         except RuntimeError as exc:
+            self.registry.close()
             raise ConfigError(f"cannot listen on {address}: {exc} (is the port in use?)") from None
         if not bound:
+            self.registry.close()
             raise ConfigError(f"cannot listen on {address} (is the port in use?)")
         self.port = bound
         server.start()
@@ -125,18 +147,28 @@ class CurvatureServer:
         return bound
 
     def stop(self, grace: float | None = 1.0) -> None:
-        """Stop serving (health NOT_SERVING first), end watch streams, save the state file."""
+        """Stop serving (health NOT_SERVING first), end watch streams, save the state file
+        and release its lock."""
         if self._server is None:
+            self.registry.close()  # constructed but never started: just release the state file
             return
         self._health.shutdown()
         self._stopping.set()
+        with self._watch_lock:
+            for event in self._watch_events:
+                event.set()
         for name in self.registry.names():
             job = self.registry.get(name)
             with job.changed:
                 job.changed.notify_all()
         self._server.stop(grace).wait()
         self._server = None
-        self.registry.save()
+        try:
+            self.registry.save()
+        except (OSError, StateFileError) as exc:
+            raise StateFileError(f"the state file could not be saved at shutdown: {exc}") from None
+        finally:
+            self.registry.close()
         if self.metrics is not None:
             self.metrics.set_up(False)
 
@@ -154,6 +186,7 @@ class CurvatureServer:
             "Exchange": unary(self._wrap("Exchange", pb.ExchangeRequest, self._exchange)),
             "GetState": unary(self._wrap("GetState", pb.GetStateRequest, self._get_state)),
             "ListJobs": unary(self._wrap("ListJobs", pb.ListJobsRequest, self._list_jobs)),
+            "DeleteJob": unary(self._wrap("DeleteJob", pb.DeleteJobRequest, self._delete_job)),
             "WatchState": grpc.unary_stream_rpc_method_handler(self._watch_state),
         })
 
@@ -187,6 +220,13 @@ class CurvatureServer:
                 code, failure = "NOT_FOUND", _Abort(grpc.StatusCode.NOT_FOUND, str(exc))
             except TooManyJobs as exc:
                 code, failure = "RESOURCE_EXHAUSTED", _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            except StateFileError as exc:  # the exchange was rolled back: nothing changed, retry later
+                log.error("%s: %s", method, exc)
+                code = "UNAVAILABLE"
+                failure = _Abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"{exc}; the exchange was rolled back (nothing changed): it can be retried",
+                )
             except Exception as exc:  # keep serving; the job restored its previous state
                 log.exception("%s failed", method)
                 code = "INTERNAL"
@@ -222,6 +262,13 @@ class CurvatureServer:
     def _list_jobs(self, msg: pb.ListJobsRequest, context) -> tuple[str, bytes]:
         return "", pb.ListJobsResponse(jobs=self.registry.names()).SerializeToString()
 
+    def _delete_job(self, msg: pb.DeleteJobRequest, context) -> tuple[str, bytes]:
+        job = job_name(msg.job)
+        if not self.registry.delete(job):
+            raise JobNotFound(f"no curvature model for job {job!r} on this server")
+        log.info("deleted job %r", job)
+        return job, pb.DeleteJobResponse(remaining_jobs=len(self.registry.names())).SerializeToString()
+
     def _watch_state(self, data: bytes, context: grpc.ServicerContext):
         start = time.perf_counter()
         try:
@@ -236,29 +283,50 @@ class CurvatureServer:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except JobNotFound as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        peer = context.peer()
+        refused = self._watch_slots.acquire(peer)
+        if refused is not None:
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many WatchState streams ({refused}); poll GetState instead",
+            )
+        done = threading.Event()  # set when the client cancels or the server stops
+
+        def wake():
+            done.set()
+            with job.changed:
+                job.changed.notify_all()
+
         with self._watch_lock:
-            if self._watchers >= self.max_watchers:
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"too many WatchState streams ({self.max_watchers}); poll GetState instead",
-                )
-            self._watchers += 1
+            self._watch_events.add(done)
         try:
+            context.add_callback(wake)
+            if self._stopping.is_set():
+                done.set()
             seen = -1
-            while context.is_active() and not self._stopping.is_set():
-                with job.changed:
+            while not done.is_set():
+                with job.changed:  # `done` is set under this lock's notify: no lost wake-up
+                    if done.is_set() or not context.is_active():
+                        break
                     if job.seq == seen:
-                        job.changed.wait(timeout=1.0)
+                        job.changed.wait(timeout=30.0)
                         continue
                     seen = job.seq
+                if job.retired:  # DeleteJob
+                    break
                 yield self._state(name).SerializeToString()
                 if interval:
-                    self._stopping.wait(interval)
+                    done.wait(interval)
         finally:
             with self._watch_lock:
-                self._watchers -= 1
+                self._watch_events.discard(done)
+            self._watch_slots.release(peer)
             if self.metrics is not None:
                 self.metrics.observe_request(name, "WatchState", "OK", time.perf_counter() - start)
+
+    @property
+    def open_watch_streams(self) -> int:
+        return self._watch_slots.open
 
     # ------------------------------------------------------------ metrics
     def _observe_state(self, job: str) -> None:

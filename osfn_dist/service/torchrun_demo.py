@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
 from ..dataflow.distributed import GradientSync, LeaderExchange
+from ..core.errors import DimensionMismatchError, OSFNError
 from ..optimizer import OSFN
 
 OPTIMIZER = dict(subspace_dim=4, newton_warmup=5, noise_damping=False)  # noise damping off: see below
@@ -114,7 +116,17 @@ def main(argv: list[str] | None = None) -> int:
         exchange, sync = inner, None
     model = make_model()
     opt = OSFN(model.parameters(), lr=LR, exchange=exchange, gradient_sync=sync, **OPTIMIZER)
-    losses = train(model, opt, make_batches(args.steps), rank, world, metrics, args.nan_step, args.step_sleep)
+    try:
+        losses = train(model, opt, make_batches(args.steps), rank, world, metrics, args.nan_step, args.step_sleep)
+    except OSFNError as exc:  # a server with other settings, an unreachable one: one sentence, not a traceback
+        hint = ""
+        if isinstance(exc, DimensionMismatchError):
+            hint = (f" This demo runs subspace_dim={OPTIMIZER['subspace_dim']}: start the server with "
+                    f"`osfn-dist serve --subspace-dim {OPTIMIZER['subspace_dim']}`.")
+        print(f"torchrun_demo rank {rank}: {type(exc).__name__}: {exc}{hint}", file=sys.stderr, flush=True)
+        if distributed:
+            dist.destroy_process_group()
+        return 2
     if rank == 0:
         print(f"rank 0: loss {losses[0]:.5f} -> {losses[-1]:.5f} after {len(losses)} steps; "
               f"eigenvalues {[round(v, 4) for v in opt.diagnostics['eigenvalues']]}", flush=True)

@@ -176,3 +176,15 @@ class ListJobsResponse(_message.Message):
     JOBS_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, jobs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeleteJobRequest(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    def __init__(self, job: _Optional[str] = ...) -> None: ...
+
+class DeleteJobResponse(_message.Message):
+    __slots__ = ("remaining_jobs",)
+    REMAINING_JOBS_FIELD_NUMBER: _ClassVar[int]
+    remaining_jobs: int
+    def __init__(self, remaining_jobs: _Optional[int] = ...) -> None: ...

@@ -54,6 +54,11 @@ class CurvatureServiceStub:
                 request_serializer=osfn_dot_v1_dot_curvature__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=osfn_dot_v1_dot_curvature__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/osfn.v1.CurvatureService/DeleteJob',
+                request_serializer=osfn_dot_v1_dot_curvature__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=osfn_dot_v1_dot_curvature__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
 
 
 class CurvatureServiceServicer:
@@ -61,8 +66,9 @@ class CurvatureServiceServicer:
 
     def Exchange(self, request, context):
         """One step of the curvature model: a worker's report in, the direction update out.
-        Idempotent per (job, step, basis_version): a retried identical report gets the cached
-        update again instead of stepping twice.
+        Exactly once per (job, step): the identical report sent again gets the cached update
+        instead of stepping twice; a different report for that step, or an earlier step, is
+        INVALID_ARGUMENT (osfn-error: ReportOrderError). Steps must increase.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,6 +90,13 @@ class CurvatureServiceServicer:
 
     def ListJobs(self, request, context):
         """The jobs this server holds a curvature model for.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteJob(self, request, context):
+        """Forget a job's curvature model (also in the state file); NOT_FOUND if there is none.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,6 +124,11 @@ def add_CurvatureServiceServicer_to_server(servicer, server):
                     servicer.ListJobs,
                     request_deserializer=osfn_dot_v1_dot_curvature__pb2.ListJobsRequest.FromString,
                     response_serializer=osfn_dot_v1_dot_curvature__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=osfn_dot_v1_dot_curvature__pb2.DeleteJobRequest.FromString,
+                    response_serializer=osfn_dot_v1_dot_curvature__pb2.DeleteJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +239,33 @@ class CurvatureService:
             '/osfn.v1.CurvatureService/ListJobs',
             osfn_dot_v1_dot_curvature__pb2.ListJobsRequest.SerializeToString,
             osfn_dot_v1_dot_curvature__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/osfn.v1.CurvatureService/DeleteJob',
+            osfn_dot_v1_dot_curvature__pb2.DeleteJobRequest.SerializeToString,
+            osfn_dot_v1_dot_curvature__pb2.DeleteJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
