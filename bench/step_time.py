@@ -6,7 +6,9 @@
 
 Rounds interleave the optimizers (AdamW, OSFN, AdamW, OSFN, ...) so background load hits
 both alike; the table reports means and the OSFN/AdamW ratios of the whole training step
-(forward + backward + optimizer) and of the optimizer step alone.
+(forward + backward + optimizer) and of the optimizer step alone, and OSFN's optimizer-step
+overhead over the fastest AdamW (fused) in the unit that bounds it: reads of the basis V.
+``--profile`` adds where an OSFN step's time goes, phase by phase.
 """
 from __future__ import annotations
 
@@ -26,6 +28,46 @@ def build(width: int, device: str) -> torch.nn.Module:
     ).to(device)
 
 
+def _one_read_of_v(n_params: int, d: int, dev: str) -> float:
+    """Median time of one pass over a direction-major basis V (d·D floats), the unit of the
+    overhead column: every OSFN step must read V at least once (to project the gradient)."""
+    from osfn_dist.core.subspace import new_basis, project
+
+    basis = new_basis(n_params, d, device=dev)
+    basis.normal_()
+    vec = torch.randn(n_params, device=dev)
+    times = []
+    for i in range(60):
+        sync(dev)
+        t0 = time.perf_counter()
+        project(basis, vec)
+        sync(dev)
+        if i >= 10:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _profile(opt, model, x, y, steps: int, v_read: float, dev: str) -> None:
+    """Where an OSFN step's time goes: the optimizer's own phases (torch.profiler labels
+    ``osfn.*``), per step, also in reads of V."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sync(dev)
+    rows = [(e.key, e.cpu_time_total / steps / 1e3) for e in prof.key_averages() if e.key.startswith("osfn.")]
+    print(f"\nOSFN d={opt.subspace_dim}: time per step by phase ({steps} steps, torch.profiler, CPU wall per label)\n")
+    print("| phase | ms per step | reads of V |")
+    print("|---|---|---|")
+    for key, ms in sorted(rows, key=lambda r: -r[1]):
+        print(f"| {key} | {ms:.2f} | {ms / (v_read * 1e3):.1f} |")
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -40,6 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30, help="timed steps per round")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--every", type=int, nargs="*", default=[4, 16], help="also time these curvature_every values")
+    ap.add_argument("--profile", action="store_true", help="also print OSFN's per-phase profile")
     args = ap.parse_args(argv)
     dev = args.device
     x = torch.randn(args.batch, 512, device=dev)
@@ -76,15 +119,23 @@ def main(argv=None) -> int:
                     step_t[k].append(t2 - t0)
                     opt_t[k].append(t2 - t1)
     base = "AdamW"
-    print(f"{n_params:,} parameters, batch {args.batch}, device {dev}, {args.rounds}×{args.steps} interleaved steps each\n")
+    fastest = "AdamW (fused)"
+    v_read = _one_read_of_v(n_params, args.d, dev)
+    print(f"{n_params:,} parameters, batch {args.batch}, device {dev}, {args.rounds}×{args.steps} interleaved steps each")
+    print(f"one read of V (d={args.d}: a (d, D) × (D,) product) = {v_read * 1e3:.3f} ms\n")
     # means, not medians: with curvature_every = k the median would hide the one step in k
     # that runs the subspace machinery
-    print("| optimizer | training step ms (mean) | optimizer step ms (mean) | step ratio vs AdamW | optimizer-step ratio |")
-    print("|---|---|---|---|---|")
+    print("| optimizer | training step ms (mean) | optimizer step ms (mean) | step ratio vs AdamW | "
+          "step ratio vs fused AdamW | optimizer-step overhead over fused AdamW, in reads of V |")
+    print("|---|---|---|---|---|---|")
+    sb, ob = statistics.fmean(step_t[base]) * 1e3, statistics.fmean(opt_t[base]) * 1e3
+    sf, of = statistics.fmean(step_t[fastest]) * 1e3, statistics.fmean(opt_t[fastest]) * 1e3
     for k in makers:
         st, ot = statistics.fmean(step_t[k]) * 1e3, statistics.fmean(opt_t[k]) * 1e3
-        sb, ob = statistics.fmean(step_t[base]) * 1e3, statistics.fmean(opt_t[base]) * 1e3
-        print(f"| {k} | {st:.2f} | {ot:.2f} | {st / sb:.2f}× | {ot / ob:.2f}× |")
+        reads = (ot - of) / (v_read * 1e3)
+        print(f"| {k} | {st:.2f} | {ot:.2f} | {st / sb:.2f}× | {st / sf:.2f}× | {reads:.1f} |")
+    if args.profile:
+        _profile(opts[f"OSFN d={args.d}"], models[f"OSFN d={args.d}"], x, y, args.steps, v_read, dev)
     return 0
 
 

@@ -22,6 +22,8 @@ from .dataflow.shard import REPLICATED, ShardedBasis
 
 WORKER_STATE_VERSION = 2
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+# phase labels for torch.profiler (bench/step_time.py --profile); ~1 µs each when not profiling
+_phase = torch.profiler.record_function
 
 
 def _flat(params: list[torch.Tensor], dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -493,53 +495,55 @@ class OSFN(Optimizer):
         # base nor the shared subspace moves it, and the reported position knows it
         moves = [ok and float(group["lr"]) > 0 for ok, (_, group) in zip(has_grad, self._owners())]
         measure = not all(moves) or any(p.dtype in LOW_PRECISION for p in params)
-        # collect
-        pair = self._pair_buffer(basis)
-        if grad is None:
-            grad = flat_gradient(params, basis.dtype, out=None if pair is None else pair[0])
-        if self._displacement_is_source():
-            source, in_pair = self._prev_disp, False  # the base's last measured step (None at first)
-        else:
-            source = self._running_mean_source(params, has_grad, basis.dtype, out=None if pair is None else pair[1])
-            in_pair = source is not None and pair is not None
-        before = _flat(params, basis.dtype)
-        # exact residual norms matter only while directions are being filled
-        exact = self._last.get("alive_directions", 0) < self.subspace_dim
-        report, coords, residual = build_report(
-            basis, grad, self._steps, self._basis_version, self._residual_step_dot, hyper, worker_coords,
-            source=source, prev_step_coords=self._prev_step_coords,
-            drift=None if self._anchor is None else before - self._anchor, layout=layout, exact_residual=exact,
-            settings={k: getattr(self.config, k) for k in FIXED_SETTINGS}, pair=pair if in_pair else None,
-        )
+        with _phase("osfn.collect"):  # flatten, project g and the source in one pass over V
+            pair = self._pair_buffer(basis)
+            if grad is None:
+                grad = flat_gradient(params, basis.dtype, out=None if pair is None else pair[0])
+            if self._displacement_is_source():
+                source, in_pair = self._prev_disp, False  # the base's last measured step (None at first)
+            else:
+                source = self._running_mean_source(params, has_grad, basis.dtype, out=None if pair is None else pair[1])
+                in_pair = source is not None and pair is not None
+            before = _flat(params, basis.dtype)
+            # exact residual norms matter only while directions are being filled
+            exact = self._last.get("alive_directions", 0) < self.subspace_dim
+            report, coords, residual = build_report(
+                basis, grad, self._steps, self._basis_version, self._residual_step_dot, hyper, worker_coords,
+                source=source, prev_step_coords=self._prev_step_coords,
+                drift=None if self._anchor is None else before - self._anchor, layout=layout, exact_residual=exact,
+                settings={k: getattr(self.config, k) for k in FIXED_SETTINGS}, pair=pair if in_pair else None,
+            )
         # exchange (before anything moves: a refused or lost update leaves θ and the base untouched)
-        update = self.exchange.exchange(report)
-        check_version(update, self._basis_version)
+        with _phase("osfn.exchange"):
+            update = self.exchange.exchange(report)
+            check_version(update, self._basis_version)
         self._anchor = None
         keep = float(update.complement_keep)
-        if keep < 1.0:  # the Newton step owns (1 − π) of the subspace: the base sees the rest
-            write_back(params, grad - layout.expand(basis, (1.0 - keep) * coords), has_grad)
-        # the base's own step, measured: p = θ_before − θ_after
-        self._base_step()
-        disp = _subtract_params_(before.clone() if measure else before, params)
-        # apply: the Newton move on top of the base's step
-        move, step_coords, residual = newton_move(
-            basis, disp, residual, update.step_coef, keep, layout,
-            source=grad if source is None else source,
-            source_coords=coords if report.source_coords is None else report.source_coords.to(basis.device, basis.dtype),
-        )
-        if self._displacement_is_source():
-            self._prev_disp = disp if not measure else disp.clone()
-        if measure:
-            _zero_frozen_(move, params, moves)
-        scatter_add(params, move, moves)
-        if measure:  # what actually happened: frozen rows and low-precision rounding included
-            applied = _subtract_params_(before, params).neg_()
-            step_coords = layout.project(basis, applied)
-        else:
-            applied = move.sub_(disp)
-        self._prev_step_coords = step_coords
-        self._residual_step_dot = layout.dot(residual, layout.rows(applied))
-        self._basis = update_basis(basis, residual, update, layout)
+        with _phase("osfn.base_step"):  # the base's own step, measured: p = θ_before − θ_after
+            if keep < 1.0:  # the Newton step owns (1 − π) of the subspace: the base sees the rest
+                write_back(params, grad - layout.expand(basis, (1.0 - keep) * coords), has_grad)
+            self._base_step()
+            disp = _subtract_params_(before.clone() if measure else before, params)
+        with _phase("osfn.newton_move"):  # Vᵀp, then V·coef and the residual in one pass
+            move, step_coords, residual = newton_move(
+                basis, disp, residual, update.step_coef, keep, layout,
+                source=grad if source is None else source,
+                source_coords=coords if report.source_coords is None else report.source_coords.to(basis.device, basis.dtype),
+            )
+            if self._displacement_is_source():
+                self._prev_disp = disp if not measure else disp.clone()
+            if measure:
+                _zero_frozen_(move, params, moves)
+            scatter_add(params, move, moves)
+            if measure:  # what actually happened: frozen rows and low-precision rounding included
+                applied = _subtract_params_(before, params).neg_()
+                step_coords = layout.project(basis, applied)
+            else:
+                applied = move.sub_(disp)
+            self._prev_step_coords = step_coords
+            self._residual_step_dot = layout.dot(residual, layout.rows(applied))
+        with _phase("osfn.basis_update"):  # V ← V A + r cᵀ, re-orthonormalised on a cadence
+            self._basis = update_basis(basis, residual, update, layout)
         self._basis_version = update.new_version
         self._last = {
             **update.diagnostics,

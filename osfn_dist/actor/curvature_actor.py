@@ -268,3 +268,29 @@ class ActorExchange:
             "wait_ms_median": 1e3 * statistics.median(waits) if waits else float("nan"),
             "wait_ms_p99": pct(waits, 0.99),
         }
+
+
+def curvature_exchange(actor, *, timeout_s: float = DEFAULT_TIMEOUT_S, namespace: str = DEFAULT_NAMESPACE, group=None):
+    """The ``exchange=`` for OSFN inside *your own* Ray Train ``train_func``: rank 0 talks to
+    the curvature actor (a handle, or the name it was created with), every rank gets the same
+    update (``LeaderExchange`` over the Train worker group's process group)::
+
+        def train_func(config):
+            model = ray.train.torch.prepare_model(build_model())          # DDP
+            opt = OSFN(model.parameters(), lr=3e-3, exchange=curvature_exchange(config["actor"]))
+            ...                                                            # an ordinary loop
+
+    With DDP the gradients OSFN sees are already averaged; pass ``gradient_sync=GradientSync()``
+    instead of DDP to also give the service every worker's own projection (noise estimates)."""
+    import torch.distributed as dist
+
+    from ..dataflow.distributed import LeaderExchange
+
+    rank = dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+    inner = None
+    if rank == 0:
+        handle = get_curvature_actor(actor, namespace) if isinstance(actor, str) else actor
+        inner = ActorExchange(handle, timeout_s=timeout_s)
+    if not (dist.is_available() and dist.is_initialized()):
+        return inner
+    return LeaderExchange(inner, group=group)

@@ -25,13 +25,18 @@ def project(basis: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
     return basis.T @ vec.to(basis.dtype)
 
 
-def right_multiply_(basis: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+def right_multiply_(basis: torch.Tensor, m: torch.Tensor, rank1: tuple | None = None) -> torch.Tensor:
     """V ← V m in place, for a direction-major V (D, d) and m (d, d), slice by slice through a
     scratch of at most 1/64 of V. A fresh (d, D) result would cost a second basis in memory
     at the peak and, on CPU, page faults on every call: the in-place form was 2.2× faster at
-    1M parameters (bench/step_time.py)."""
+    1M parameters (bench/step_time.py). ``rank1`` = (c (d,), r (D,)) adds r cᵀ to each slice
+    while it is in the scratch, so V m + r cᵀ costs one read and one write of V, not two."""
     vt = basis.T  # (d, D), contiguous
     m_t = m.to(device=vt.device, dtype=vt.dtype).T.contiguous()
+    add = None
+    if rank1 is not None:  # V m + r cᵀ: (d, 1) and (1, D) factors of the transpose's rank-1 term
+        c, r = rank1
+        add = (c.to(device=vt.device, dtype=vt.dtype).unsqueeze(1), r.to(vt.dtype).reshape(1, -1))
     d, total = vt.shape
     if total == 0 or d == 0:
         return basis
@@ -41,6 +46,8 @@ def right_multiply_(basis: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         block = vt[:, start : start + chunk]
         n = block.shape[1]
         torch.mm(m_t, block, out=scratch[:, :n])
+        if add is not None:  # + c rᵀ on the slice while it is in cache: no second pass over V
+            scratch[:, :n].addmm_(add[0], add[1][:, start : start + n])
         block.copy_(scratch[:, :n])
     return basis
 
@@ -66,7 +73,8 @@ def apply_basis_update(
     residual_coef c (d,) or None.
     """
     if rotation is not None:
-        basis = right_multiply_(as_basis_layout(basis), rotation)
+        rank1 = (residual_coef, residual) if residual_coef is not None else None
+        return right_multiply_(as_basis_layout(basis), rotation, rank1)  # one pass over V for both
     if residual_coef is not None:
         # rank-1 update as a (d,1)×(1,D) GEMM on the contiguous transpose: CPU BLAS does this
         # ~10× faster than addr_

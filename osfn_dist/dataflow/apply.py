@@ -34,9 +34,12 @@ def newton_move(
     this worker's rows of V and r."""
     q = layout.project(basis, disp)
     s = step_coef.to(device=basis.device, dtype=basis.dtype)
-    move = layout.expand(basis, s + (1.0 - complement_keep) * q)
-    if residual is None:
-        residual = source.to(basis.dtype) - basis @ source_coords.to(basis.dtype)
+    coef = s + (1.0 - complement_keep) * q
+    if residual is None:  # replicated: V·coef and V·a in one pass over V, a (2, d) × (d, D) GEMM
+        both = torch.stack([coef, source_coords.to(basis.dtype)]) @ basis.T
+        move, residual = both[0], both[1].neg_().add_(source.to(basis.dtype))
+    else:
+        move = layout.expand(basis, coef)
     return move, s - complement_keep * q, residual
 
 

@@ -50,7 +50,8 @@ class ReplicatedBasis:
         return basis @ coef
 
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
-        return float(a.double() @ b.double())
+        # float64 accumulation without two D-sized float64 copies
+        return float(torch.sum(a * b, dtype=torch.float64))
 
     def column_norms(self, basis: torch.Tensor) -> torch.Tensor:
         return torch.linalg.vector_norm(basis, dim=0)
