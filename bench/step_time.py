@@ -93,6 +93,8 @@ def main(argv=None) -> int:
         f"OSFN d={args.d}": lambda ps: OSFN(ps, lr=1e-3, subspace_dim=args.d),
         f"OSFN d={args.d} over fused AdamW": lambda ps: OSFN(base=torch.optim.AdamW(ps, lr=1e-3, fused=True),
                                                             subspace_dim=args.d),
+        f"OSFN d={args.d} over fused AdamW, compiled kernels": lambda ps: OSFN(
+            base=torch.optim.AdamW(ps, lr=1e-3, fused=True), subspace_dim=args.d, kernels="compiled"),
     }
     for k in args.every:
         makers[f"OSFN d={args.d} curvature_every={k}"] = lambda ps, k=k: OSFN(ps, lr=1e-3, subspace_dim=args.d, curvature_every=k)

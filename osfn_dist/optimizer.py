@@ -529,6 +529,7 @@ class OSFN(Optimizer):
                 basis, disp, residual, update.step_coef, keep, layout,
                 source=grad if source is None else source,
                 source_coords=coords if report.source_coords is None else report.source_coords.to(basis.device, basis.dtype),
+                compiled=self.param_groups[0]["kernels"] == "compiled",
             )
             if self._displacement_is_source():
                 self._prev_disp = disp if not measure else disp.clone()

@@ -285,6 +285,7 @@ INVALID = {
     "eigen_method": "lapack",
     "noise_damping": "yes",
     "nonfinite": "ignore",
+    "kernels": "triton",
 }
 
 

@@ -288,3 +288,26 @@ def test_complement_in_subspace_zero_feeds_the_base_the_complement_gradient():
     # after step(): p.grad holds what the base saw, which has (almost) no part inside the old basis
     assert float((v.T @ theta.grad).norm()) < 0.01 * float((v.T @ full).norm())
     assert float(theta.grad.norm()) > 1e-3
+
+
+def test_compiled_kernels_follow_the_eager_trajectory():
+    """kernels='compiled' fuses V·coef and the residual into one torch.compile'd pass over V
+    (core.kernels); it must compute what the eager ops compute (to float rounding), and the
+    fused kernel itself must equal its formula."""
+    from osfn_dist.core import kernels
+
+    vt = torch.randn(4, 300, dtype=torch.float32)
+    coef, a, u = torch.randn(4), torch.randn(4), torch.randn(300)
+    move, resid = kernels.expand_residual(vt, coef, a, u)
+    assert not kernels._broken  # it really compiled here (a C++ compiler is part of the dev setup)
+    torch.testing.assert_close(move, coef @ vt, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(resid, u - a @ vt, rtol=1e-5, atol=1e-5)
+
+    data = batches(20)
+    a_model, b_model = make_model(), make_model()
+    eager = OSFN(a_model.parameters(), lr=1e-2, subspace_dim=4, newton_warmup=3)
+    fused = OSFN(b_model.parameters(), lr=1e-2, subspace_dim=4, newton_warmup=3, kernels="compiled")
+    train(a_model, eager, data)
+    train(b_model, fused, data)
+    assert fused.diagnostics["subspace_step_norm"] > 0
+    torch.testing.assert_close(flat(b_model), flat(a_model), rtol=1e-4, atol=1e-5)

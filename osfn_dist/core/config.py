@@ -18,6 +18,7 @@ SUBSPACE_RULES = ("oja", "replace", "oja+replace", "curvature")
 SUBSPACE_SOURCES = ("gradient", "momentum", "innovation")
 EIGEN_METHODS = ("qr", "eigh")
 NONFINITE_POLICIES = ("skip", "raise")
+KERNELS = ("eager", "compiled")
 # the fields that configure the default base optimizer (and nothing else)
 COMPLEMENT_FIELDS = ("lr", "complement", "momentum", "betas", "eps", "weight_decay", "aux_lr")
 
@@ -57,6 +58,9 @@ class OSFNConfig:
     eigen_method: str = "qr"
     noise_damping: bool = True
     nonfinite: str = "skip"
+    # "compiled": fused torch.compile kernels for D-sized passes over V (core.kernels; compiles
+    # once per model size, worth it on large models); "eager": plain torch ops
+    kernels: str = "eager"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -138,3 +142,4 @@ class OSFNConfig:
         need("eigen_method", self.eigen_method in EIGEN_METHODS, f"one of {EIGEN_METHODS}")
         need("noise_damping", isinstance(self.noise_damping, bool), "True or False")
         need("nonfinite", self.nonfinite in NONFINITE_POLICIES, f"one of {NONFINITE_POLICIES}")
+        need("kernels", self.kernels in KERNELS, f"one of {KERNELS}")

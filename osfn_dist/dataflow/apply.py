@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core import kernels
 from ..core.errors import VersionMismatchError
 from ..core.subspace import apply_basis_update, cholesky_qr2
 from .messages import DirectionUpdate
@@ -21,7 +22,7 @@ def check_version(update: DirectionUpdate, basis_version: int) -> None:
 def newton_move(
     basis: torch.Tensor, disp: torch.Tensor, residual: torch.Tensor | None, step_coef: torch.Tensor,
     complement_keep: float, layout=REPLICATED, source: torch.Tensor | None = None,
-    source_coords: torch.Tensor | None = None,
+    source_coords: torch.Tensor | None = None, compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The move OSFN adds after the base optimizer has stepped by −p (measured):
     V (s + (1 − π) Vᵀp), which replaces a share 1 − π of the base's step inside the subspace
@@ -30,12 +31,15 @@ def newton_move(
     Returns (the move (D,), VᵀΔθ = s − π Vᵀp for the whole step Δθ = move − p, the residual
     r): the last two let the service follow the position in subspace coordinates as the basis
     turns toward r. ``residual`` None (replicated basis only): r = u − V a is formed here from
-    ``source`` u and ``source_coords`` a. ``layout`` (dataflow.shard): a sharded basis holds
-    this worker's rows of V and r."""
+    ``source`` u and ``source_coords`` a, with ``compiled`` in one fused pass over V
+    (core.kernels). ``layout`` (dataflow.shard): a sharded basis holds this worker's rows of V
+    and r."""
     q = layout.project(basis, disp)
     s = step_coef.to(device=basis.device, dtype=basis.dtype)
     coef = s + (1.0 - complement_keep) * q
-    if residual is None:  # replicated: V·coef and V·a in one pass over V, a (2, d) × (d, D) GEMM
+    if residual is None and compiled:  # replicated: one compiled pass over V (core.kernels)
+        move, residual = kernels.expand_residual(basis.T, coef, source_coords.to(basis.dtype), source.to(basis.dtype))
+    elif residual is None:  # replicated: V·coef and V·a as one (2, d) × (d, D) GEMM
         both = torch.stack([coef, source_coords.to(basis.dtype)]) @ basis.T
         move, residual = both[0], both[1].neg_().add_(source.to(basis.dtype))
     else:
