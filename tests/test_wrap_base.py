@@ -9,16 +9,7 @@ import pytest
 import torch
 
 from osfn_dist import OSFN, ConfigError, DimensionMismatchError
-
-
-def make_model(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(dtype)
-
-
-def batches(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(32, 8, generator=g), torch.randn(32, 3, generator=g)) for _ in range(n)]
+from test_optimizer_contract import batches, make_model  # the same small model and data
 
 
 def train(model, opt, data, sched=None):
