@@ -62,11 +62,14 @@ def build_default_bases(groups: list[dict], config: OSFNConfig) -> list[Optimize
     return bases
 
 
-def check_params(bases: list[Optimizer]) -> None:
+def check_params(bases: list[Optimizer]):
     """Refuse, at construction, parameters the subspace cannot hold; each message names the
-    parameter and what to do."""
+    parameter and what to do. Returns the process group of FSDP2 parameters (all DTensors
+    sharded over one 1-D device mesh), or None for plain tensors."""
     devices = set()
     seen: set[int] = set()
+    meshes = set()
+    plain = 0
     for b, base in enumerate(bases):
         for g, group in enumerate(base.param_groups):
             for i, p in enumerate(group["params"]):
@@ -79,9 +82,14 @@ def check_params(bases: list[Optimizer]) -> None:
                         f"{where} is complex; OSFN's subspace is real. Optimize its real view "
                         "(torch.view_as_real) or leave it to a separate optimizer")
                 if _is_dtensor(p):
-                    raise ConfigError(
-                        f"{where} is a DTensor (FSDP2/tensor parallel), which OSFN does not support yet; "
-                        "use shard_basis=True with replicated parameters, or leave it to a separate optimizer")
+                    mesh = p.device_mesh
+                    if mesh.ndim != 1 or any(not pl.is_shard() and not pl.is_replicate() for pl in p.placements):
+                        raise ConfigError(
+                            f"{where} is a DTensor on a {mesh.ndim}-D mesh with placements {p.placements}; OSFN "
+                            "supports FSDP2's 1-D sharding (fully_shard over one mesh dimension) only")
+                    meshes.add(mesh)
+                else:
+                    plain += 1
                 if p.is_sparse:
                     raise ConfigError(f"{where} is a sparse tensor; OSFN needs dense parameters")
                 devices.add(p.device)
@@ -89,6 +97,11 @@ def check_params(bases: list[Optimizer]) -> None:
         raise ConfigError(
             f"parameters live on several devices {sorted(map(str, devices))}; OSFN keeps one basis on one "
             "device. Move the model to one device (or use one OSFN per device placement)")
+    if meshes and (plain or len(meshes) > 1):
+        raise ConfigError(
+            f"{plain} plain tensor(s) next to DTensors on {len(meshes)} mesh(es): with FSDP2, fully_shard the "
+            "whole model over one mesh (the root module too) so every parameter is a DTensor of that mesh")
+    return next(iter(meshes)).get_group() if meshes else None
 
 
 def _is_dtensor(p: torch.Tensor) -> bool:

@@ -18,7 +18,7 @@ from .dataflow.collect import build_report, flat_gradient, write_back
 from .dataflow.exchange import Exchange, InProcessExchange
 from .dataflow.messages import FIXED_SETTINGS, LIVE_HYPERPARAMETERS
 from .dataflow.curvature import CurvatureService
-from .dataflow.shard import REPLICATED, ShardedBasis
+from .dataflow.shard import REPLICATED, LocalShards, ShardedBasis, local
 
 WORKER_STATE_VERSION = 2
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -27,7 +27,8 @@ _phase = torch.profiler.record_function
 
 
 def _flat(params: list[torch.Tensor], dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1).to(dtype) for p in params], out=out)
+    """This rank's parameters as one flat vector (the local shards under FSDP2)."""
+    return torch.cat([local(p).detach().reshape(-1).to(dtype) for p in params], out=out)
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -43,8 +44,9 @@ def _subtract_params_(buf: torch.Tensor, params: list[torch.Tensor]) -> torch.Te
     """buf ← buf − flat(θ), slice by slice (no D-sized temporary)."""
     offset = 0
     for p in params:
-        n = p.numel()
-        buf[offset : offset + n].sub_(p.detach().reshape(-1).to(buf.dtype))
+        mine = local(p).detach()
+        n = mine.numel()
+        buf[offset : offset + n].sub_(mine.reshape(-1).to(buf.dtype))
         offset += n
     return buf
 
@@ -52,7 +54,7 @@ def _subtract_params_(buf: torch.Tensor, params: list[torch.Tensor]) -> torch.Te
 def _zero_frozen_(vec: torch.Tensor, params: list[torch.Tensor], moves: list[bool]) -> None:
     offset = 0
     for p, ok in zip(params, moves):
-        n = p.numel()
+        n = local(p).numel()
         if not ok:
             vec[offset : offset + n].zero_()
         offset += n
@@ -139,7 +141,7 @@ class OSFN(Optimizer):
         complement_given = sorted(set(hyper) & set(COMPLEMENT_FIELDS))
         config = OSFNConfig(lr=1e-3 if lr is None else lr, **hyper)
         bases = self._make_bases(params, lr, base, base_kwargs, complement_given, config)
-        check_params(bases)
+        self._fsdp = check_params(bases)  # the process group of FSDP2 shards, or None
         self._bases: list[Optimizer] = []
         super().__init__([{"params": g["params"]} for b in bases for g in b.param_groups], {})
         self._bases = bases
@@ -162,7 +164,14 @@ class OSFN(Optimizer):
         # shard_basis: each worker keeps only the rows of V for its parameter slice (dataflow.shard)
         if shard_basis and gradient_sync is None:
             raise ConfigError("shard_basis=True needs gradient_sync (a torch.distributed process group)")
-        self._layout = ShardedBasis(gradient_sync.group) if shard_basis else REPLICATED
+        if self._fsdp:  # FSDP2: V keeps the rows of this rank's shards (dataflow.shard.LocalShards)
+            if shard_basis or gradient_sync is not None:
+                raise ConfigError(
+                    "FSDP2 (DTensor) parameters arrive with averaged gradients and sharded already: "
+                    "drop shard_basis and gradient_sync")
+            self._layout = LocalShards(self._fsdp)
+        else:
+            self._layout = ShardedBasis(gradient_sync.group) if shard_basis else REPLICATED
         self._basis: torch.Tensor | None = None
         self._basis_version = 0
         self._residual_step_dot = 0.0
@@ -295,10 +304,10 @@ class OSFN(Optimizer):
         return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
     def _ensure_basis(self, params) -> torch.Tensor:
-        total = sum(p.numel() for p in params)
+        total = sum(local(p).numel() for p in params)
         rows = self._layout.bind(total)
         if self._basis is None:
-            device = params[0].device if params else torch.device("cpu")
+            device = local(params[0]).device if params else torch.device("cpu")
             self._basis = new_basis(rows, self.subspace_dim, device=device, dtype=self._basis_dtype(params))
         elif self._basis.shape[0] != rows:
             raise DimensionMismatchError(
@@ -350,10 +359,10 @@ class OSFN(Optimizer):
             if buf is None:
                 if ok:
                     return None
-                buf, scale = torch.zeros_like(p), 1.0
-            flat = buf.reshape(-1).to(dtype)
+                buf, scale = torch.zeros_like(local(p)), 1.0
+            flat = local(buf).reshape(-1).to(dtype)
             if kind == "innovation":
-                grad = p.grad if ok else torch.zeros_like(p)
+                grad = local(p.grad) if ok else torch.zeros_like(local(p))
                 flat = grad.reshape(-1).to(dtype) - scale * flat
             parts.append(flat)
         return torch.cat(parts, out=out)
@@ -387,7 +396,7 @@ class OSFN(Optimizer):
             if worker_coords is not None and self._synced_norm > 0:
                 worker_coords = worker_coords * (float(torch.linalg.vector_norm(grad)) / self._synced_norm)
         self._synced_norm = None
-        if not _all_finite([p.grad for p, ok in zip(params, has_grad) if ok]):
+        if not self._layout.all_true(_all_finite([local(p.grad) for p, ok in zip(params, has_grad) if ok])):
             self._skipped += 1
             self._last = {**self._last, "skipped_steps": self._skipped}
             if self.param_groups[0]["nonfinite"] == "raise":
@@ -624,7 +633,7 @@ class OSFN(Optimizer):
         basis = worker["basis"]
         saved_layout = worker.get("basis_layout", {"kind": "replicated"})
         if basis is not None:
-            self._layout.bind(sum(p.numel() for p in self._params()))
+            self._layout.bind(sum(local(p).numel() for p in self._params()))
             if saved_layout != self._layout.describe():
                 raise DimensionMismatchError(
                     f"checkpoint basis layout {saved_layout} does not match this optimizer's "

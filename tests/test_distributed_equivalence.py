@@ -11,12 +11,15 @@ update), the sharded basis and the pipelined exchange — checked step for step:
 - a sharded optimizer state round trip continues the same trajectory;
 - a failing leader exchange raises on every rank instead of leaving the others waiting;
 - OSFN on DDP-averaged gradients (no GradientSync) == the single process;
-- a parameter that only one rank uses moves alike on every rank.
+- a parameter that only one rank uses moves alike on every rank;
+- FSDP2 (fully_shard, DTensor parameters) == the single process, V sharded by the local shards,
+  and its per-rank state_dict round trip continues bit for bit.
 
 One spawn runs every phase (starting processes is the slow part on 2 cores).
 """
 from __future__ import annotations
 
+import copy
 import os
 import socket
 
@@ -171,6 +174,51 @@ def _grad_scaler_phase(rank, world, steps=12, overflow_at=5):
             "last_norm": float(norm)}
 
 
+def _fsdp2_phase(rank, world, steps=STEPS):
+    """FSDP2: every Linear and the root fully_shard-ed (DTensor parameters, reduce-scattered
+    averaged gradients); OSFN with its default in-process service on every rank (all ranks
+    build the same report from all-reduced projections) and torch's AdamW on DTensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    workload = get_workload("tiny_mlp", seed=0)
+
+    def build():
+        model = workload.build_model()
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model, OSFN(model.parameters(), **HYPER)
+
+    def train(model, opt, first, last):
+        for step, x, y in workload.batches(last, 0, workload.batch_size):
+            if step <= first:
+                continue
+            xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+            opt.zero_grad(set_to_none=True)
+            workload.loss_fn(model(xs), ys).backward()
+            opt.step()
+
+    def full(model):
+        return torch.cat([p.full_tensor().detach().reshape(-1) for p in model.parameters()])
+
+    model, opt = build()
+    train(model, opt, 0, RESUME_AT)
+    # per-rank checkpoint: the model's and the optimizer's DTensor shards, V's local rows
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    train(model, opt, RESUME_AT, steps)
+    resumed_model, resumed_opt = build()
+    resumed_model.load_state_dict(saved[0])
+    resumed_opt.load_state_dict(saved[1])
+    train(resumed_model, resumed_opt, RESUME_AT, steps)
+    params = full(model)
+    return {"params": params, "resumed": full(resumed_model), "local_rows": opt.basis.shape[0],
+            "total": params.numel(), "layout": opt.state_dict()["osfn"]["basis_layout"],
+            "steps": opt.diagnostics["step"]}
+
+
 def _tsqr_phase():
     from osfn_dist.core.subspace import cholesky_qr2
     from osfn_dist.dataflow.shard import ShardedBasis
@@ -202,6 +250,7 @@ def _worker(rank, world, port, out_dir):
         out["ddp"] = _ddp_phase(rank, world)
         out["unused"] = _unused_on_one_rank_phase(rank, world)
         out["scaler"] = _grad_scaler_phase(rank, world)
+        out["fsdp2"] = _fsdp2_phase(rank, world)
         # a leader whose exchange fails: every rank must raise, none may hang
         leader = LeaderExchange(_FailingExchange() if rank == 0 else None)
         from osfn_dist.dataflow.messages import Report
@@ -333,3 +382,14 @@ def test_grad_scaler_overflow_on_one_rank_skips_the_step_on_every_rank(two_worke
     assert a["scale"] == b["scale"] == 2.0**9  # halved once, on both ranks
     assert a["last_norm"] == b["last_norm"]  # clipping saw the same (global) gradient
     assert torch.equal(a["params"], b["params"])
+
+
+def test_fsdp2_sharded_osfn_matches_single_process_and_keeps_only_local_rows(two_workers, single):
+    """FSDP2 composes: DTensor parameters, V holds this rank's shard rows only (≤ D/N + one
+    row block), 1e-5 relative to one process on the whole batch after 50 steps."""
+    a, b = two_workers[0]["fsdp2"], two_workers[1]["fsdp2"]
+    assert a["layout"]["kind"] == "fsdp" and a["steps"] == STEPS
+    assert a["local_rows"] + b["local_rows"] == a["total"] and a["local_rows"] < a["total"]
+    assert torch.equal(a["params"], b["params"])
+    assert _rel(a["params"], single[0]) < 1e-5
+    assert torch.equal(a["resumed"], a["params"])  # per-rank state_dict round trip mid-run, bit for bit

@@ -224,7 +224,9 @@ def test_refusals_name_the_parameter_and_what_to_do():
         opt.step()
 
 
-def test_dtensor_parameters_are_refused_until_supported():
+def test_dtensor_parameters_outside_fsdp2s_shape_are_refused():
+    """FSDP2 (every parameter a DTensor on one 1-D mesh) is supported (tested with 2 ranks in
+    test_distributed_equivalence); a plain tensor next to DTensors, or a 2-D mesh, is refused."""
     code = (
         "import os, torch, torch.distributed as dist\n"
         "from torch.distributed.device_mesh import init_device_mesh\n"
@@ -234,11 +236,16 @@ def test_dtensor_parameters_are_refused_until_supported():
         "dist.init_process_group('gloo', rank=0, world_size=1)\n"
         "mesh = init_device_mesh('cpu', (1,))\n"
         "p = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 4), mesh, [Shard(0)]))\n"
-        "try:\n    OSFN([p])\nexcept ConfigError as e:\n    assert 'DTensor' in str(e); print('refused')\n"
+        "try:\n    OSFN([p, torch.nn.Parameter(torch.zeros(3))])\nexcept ConfigError as e:\n"
+        "    assert 'plain tensor' in str(e); print('mixed refused')\n"
+        "mesh2 = init_device_mesh('cpu', (1, 1))\n"
+        "q = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 4), mesh2, [Shard(0), Shard(1)]))\n"
+        "try:\n    OSFN([q])\nexcept ConfigError as e:\n    assert '2-D mesh' in str(e); print('2-D refused')\n"
+        "OSFN([p]); print('fsdp accepted')\n"
         "dist.destroy_process_group()\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert "refused" in out.stdout, out.stderr
+    assert "mixed refused" in out.stdout and "2-D refused" in out.stdout and "fsdp accepted" in out.stdout, out.stderr
 
 
 def test_add_param_group_tensor_lr_and_zero_grad_go_through_to_the_base():

@@ -8,7 +8,7 @@ from ..core import kernels
 from ..core.errors import VersionMismatchError
 from ..core.subspace import apply_basis_update, cholesky_qr2
 from .messages import DirectionUpdate
-from .shard import REPLICATED
+from .shard import REPLICATED, local
 
 
 def check_version(update: DirectionUpdate, basis_version: int) -> None:
@@ -62,7 +62,8 @@ def scatter_add(params: list[torch.Tensor], delta: torch.Tensor, moves: list[boo
     """θ_i += Δθ[slice_i] for every parameter that moves this step."""
     offset = 0
     for p, ok in zip(params, moves):
-        n = p.numel()
+        mine = local(p)
+        n = mine.numel()
         if ok:
-            p.add_(delta[offset : offset + n].view_as(p).to(p.dtype))
+            mine.add_(delta[offset : offset + n].view_as(mine).to(mine.dtype))
         offset += n

@@ -5,14 +5,14 @@ import torch
 
 from ..core.subspace import project, project_pair
 from .messages import Report
-from .shard import REPLICATED
+from .shard import REPLICATED, local
 
 
 def flat_gradient(params: list[torch.Tensor], dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """All gradients as one (D,) vector; a parameter without a gradient contributes zeros.
     ``out``: a (D,) tensor to write into (a row of the optimizer's reusable buffer)."""
     parts = [
-        (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype) for p in params
+        (local(p.grad) if p.grad is not None else torch.zeros_like(local(p))).reshape(-1).to(dtype) for p in params
     ]
     if not parts:
         return torch.zeros(0, dtype=dtype)
@@ -65,9 +65,9 @@ def build_report(
         step=step,
         basis_version=basis_version,
         grad_coords=coords.detach().to("cpu", torch.float64),
-        grad_sqnorm=_sqnorm(grad),
+        grad_sqnorm=layout.sqnorm(grad),
         source_coords=None if source is None else src_coords.detach().to("cpu", torch.float64),
-        source_sqnorm=None if source is None else _sqnorm(source),
+        source_sqnorm=None if source is None else layout.sqnorm(source),
         residual_sqnorm=(
             None if residual is None
             else layout.dot(residual, residual)
@@ -82,15 +82,12 @@ def build_report(
     return report, coords, residual
 
 
-def _sqnorm(vec: torch.Tensor) -> float:
-    return float(torch.dot(vec.reshape(-1), vec.reshape(-1))) if vec.numel() else 0.0
-
-
 def write_back(params: list[torch.Tensor], grad: torch.Tensor, has_grad: list[bool]) -> None:
     """Copy slices of a flat (averaged) gradient back into each ``p.grad``."""
     offset = 0
     for p, ok in zip(params, has_grad):
-        n = p.numel()
+        g = local(p.grad) if ok else None
+        n = local(p).numel()
         if ok:
-            p.grad.copy_(grad[offset : offset + n].view_as(p.grad))
+            g.copy_(grad[offset : offset + n].view_as(g))
         offset += n

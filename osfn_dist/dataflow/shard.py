@@ -53,6 +53,13 @@ class ReplicatedBasis:
         # float64 accumulation without two D-sized float64 copies
         return float(torch.sum(a * b, dtype=torch.float64))
 
+    def sqnorm(self, vec: torch.Tensor) -> float:
+        """‖v‖² of a vector this worker holds whole."""
+        return float(torch.dot(vec.reshape(-1), vec.reshape(-1))) if vec.numel() else 0.0
+
+    def all_true(self, flag: bool) -> bool:
+        return flag
+
     def column_norms(self, basis: torch.Tensor) -> torch.Tensor:
         return torch.linalg.vector_norm(basis, dim=0)
 
@@ -64,6 +71,12 @@ class ReplicatedBasis:
 
 
 REPLICATED = ReplicatedBasis()
+
+
+def local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """This rank's part of a tensor: the local shard of a DTensor (FSDP2), else the tensor."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
 
 
 class ShardedBasis:
@@ -120,6 +133,13 @@ class ShardedBasis:
     def dot(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> float:
         return float(self.allreduce((a_rows.double() @ b_rows.double()).reshape(1)))
 
+    def sqnorm(self, vec: torch.Tensor) -> float:
+        """‖v‖² of a full (D,) vector, which every worker holds (the averaged gradient)."""
+        return REPLICATED.sqnorm(vec)
+
+    def all_true(self, flag: bool) -> bool:
+        return flag  # decided on the averaged gradient, which every rank holds alike
+
     def column_norms(self, basis: torch.Tensor) -> torch.Tensor:
         return self.allreduce((basis * basis).sum(0)).sqrt()
 
@@ -168,3 +188,42 @@ class ShardedBasis:
         mean = slices.sum(0).div_(self.world)
         grad.copy_(self._all_gather_rows(mean.to(grad.device)))
         return coords.detach().to("cpu", torch.float64)
+
+
+class LocalShards(ShardedBasis):
+    """FSDP2 (``fully_shard``): every parameter is a DTensor and this rank holds only its
+    local shards. V keeps the rows of those shards — whatever FSDP gave this rank, not a
+    contiguous slice of a flat vector — so nothing D-sized ever crosses ranks: Vᵀv and the
+    squared norms are local products + d-sized all-reduces, the Newton move V c is local
+    (each rank moves only its own shard), and re-orthonormalisation all-reduces d² floats
+    (TSQR fallback as for ``ShardedBasis``). Gradients arrive averaged (FSDP's
+    reduce-scatter), so every rank's report, and so every rank's curvature model, is the same."""
+
+    def bind(self, total: int) -> int:
+        if self.total is not None and total != self.total:
+            raise DimensionMismatchError(
+                f"the basis covers {self.total} local parameters but this rank now holds {total}; "
+                "create a new OSFN after changing the model or its sharding"
+            )
+        self.total = total
+        self.sizes = [total]
+        self.lo, self.hi = 0, total
+        return total
+
+    def describe(self) -> dict:
+        return {"kind": "fsdp", "rank": self.rank, "world": self.world, "local": self.total}
+
+    def rows(self, vec: torch.Tensor) -> torch.Tensor:
+        return vec  # the optimizer's flat vectors already hold only the local shards
+
+    def sqnorm(self, vec: torch.Tensor) -> float:
+        return self.dot(vec, vec)
+
+    def expand(self, basis: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        return basis @ coef.to(basis.dtype)  # this rank's rows of V c: all it moves
+
+    def all_true(self, flag: bool) -> bool:
+        """A decision every rank must share (a local NaN stops the step everywhere)."""
+        buf = self._on_backend(torch.tensor([1.0 if flag else 0.0]))
+        dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(buf.item() > 0.5)
