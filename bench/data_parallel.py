@@ -11,6 +11,8 @@ relative to DDP + AdamW. Configurations:
 
 - DDP + AdamW: the reference;
 - DDP + OSFN: OSFN on DDP-averaged gradients (rank 0's curvature model, update broadcast);
+- DDP + OSFN, watch_ddp: plus the communication hook that gives the service every worker's
+  own projection (the noise estimate);
 - GradientSync + OSFN: OSFN's own averaging (one flat all-reduce after backward, no DDP);
 - GradientSync + OSFN, sharded basis: V split by rows across the ranks;
 - FSDP2 + AdamW, FSDP2 + OSFN: fully_shard on every Linear and the root.
@@ -26,7 +28,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-CONFIGS = ("DDP + AdamW", "DDP + OSFN", "GradientSync + OSFN", "GradientSync + OSFN, sharded V",
+CONFIGS = ("DDP + AdamW", "DDP + OSFN", "DDP + OSFN, watch_ddp", "GradientSync + OSFN", "GradientSync + OSFN, sharded V",
            "FSDP2 + AdamW", "FSDP2 + OSFN")
 
 
@@ -68,6 +70,8 @@ def _build(name: str, width: int, d: int, rank: int):
         model = DistributedDataParallel(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3) if "AdamW" in name else \
             OSFN(model.parameters(), exchange=leader(), **hyper)
+        if "watch_ddp" in name:
+            opt.watch_ddp(model)
     elif name.startswith("GradientSync"):
         opt = OSFN(model.parameters(), exchange=leader(), gradient_sync=GradientSync(),
                    shard_basis="sharded" in name, **hyper)

@@ -184,6 +184,7 @@ class OSFN(Optimizer):
         self._anchor: torch.Tensor | None = None
         self._pair: torch.Tensor | None = None  # see _pair_buffer
         self._presynced = None  # sync_gradients() ran for this step (see there)
+        self._ddp_projections = None  # watch_ddp()
         self._synced_norm: float | None = None
         self._steps = 0
         self._skipped = 0
@@ -435,6 +436,22 @@ class OSFN(Optimizer):
         grad = synced[2]
         self._synced_norm = None if grad is None else float(torch.linalg.vector_norm(grad))
 
+    def watch_ddp(self, ddp_model) -> "OSFN":
+        """Give the curvature service every worker's own projection under DDP (the
+        per-direction gradient-noise estimate that ``noise_damping`` uses), through a DDP
+        communication hook that projects each bucket's local gradient before its all-reduce
+        (``dataflow.distributed.DDPProjections``; replaces DDP's default hook). Returns self."""
+        from .dataflow.distributed import DDPProjections
+
+        if self.gradient_sync is not None or self._layout.sharded:
+            raise ConfigError("watch_ddp is for DDP; OSFN's own gradient_sync already gathers the projections")
+        offsets, start = {}, 0
+        for p in self._params():
+            offsets[id(p)] = (start, start + p.numel())
+            start += p.numel()
+        self._ddp_projections = DDPProjections(ddp_model, lambda p: offsets[id(p)], lambda: self._basis)
+        return self
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._presynced = self._synced_norm = None
         super().zero_grad(set_to_none=set_to_none)
@@ -462,6 +479,10 @@ class OSFN(Optimizer):
         if not any(has_grad):
             return has_grad, curvature_step, None, None
         grad, worker_coords = self._sync_gradients(params, has_grad, curvature_step)
+        if self._ddp_projections is not None:  # gathered every step, so the hook's sums never mix steps
+            worker_coords = self._ddp_projections.gather()
+            if not curvature_step:
+                worker_coords = None
         return has_grad, curvature_step, grad, worker_coords
 
     def _sync_gradients(self, params, has_grad, curvature_step):

@@ -127,6 +127,35 @@ def _ddp_phase(rank, world, steps=STEPS):
     return _flat(model)
 
 
+def _noise_phase(rank, world, mode, steps=30):
+    """With noise damping on, the service needs every worker's own projection: GradientSync
+    gathers them; under DDP, watch_ddp's communication hook does. mode: "sync", "ddp" (no
+    hook: no noise estimate) or "ddp_watch"."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from osfn_dist.core.config import OSFNConfig
+    from osfn_dist.dataflow.distributed import GradientSync, LeaderExchange
+
+    hyper = {**HYPER, "noise_damping": True}
+    workload = get_workload("tiny_mlp", seed=0)
+    model = workload.build_model()
+    inner = InProcessExchange(CurvatureService(OSFNConfig(**hyper))) if rank == 0 else None
+    if mode == "sync":
+        net = model
+        opt = OSFN(model.parameters(), exchange=LeaderExchange(inner), gradient_sync=GradientSync(), **hyper)
+    else:
+        net = DistributedDataParallel(model)
+        opt = OSFN(net.parameters(), exchange=LeaderExchange(inner), **hyper)
+        if mode == "ddp_watch":
+            opt.watch_ddp(net)
+    for _, x, y in workload.batches(steps, 0, workload.batch_size):
+        xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+        opt.zero_grad(set_to_none=True)
+        workload.loss_fn(net(xs), ys).backward()
+        opt.step()
+    return _flat(model)
+
+
 def _unused_on_one_rank_phase(rank, world, steps=15):
     """A parameter only rank 0 uses: it has a gradient there and none on rank 1. Every rank
     must still move it alike (GradientSync path)."""
@@ -251,6 +280,7 @@ def _worker(rank, world, port, out_dir):
         out["unused"] = _unused_on_one_rank_phase(rank, world)
         out["scaler"] = _grad_scaler_phase(rank, world)
         out["fsdp2"] = _fsdp2_phase(rank, world)
+        out["noise"] = {mode: _noise_phase(rank, world, mode) for mode in ("sync", "ddp", "ddp_watch")}
         # a leader whose exchange fails: every rank must raise, none may hang
         leader = LeaderExchange(_FailingExchange() if rank == 0 else None)
         from osfn_dist.dataflow.messages import Report
@@ -393,3 +423,12 @@ def test_fsdp2_sharded_osfn_matches_single_process_and_keeps_only_local_rows(two
     assert torch.equal(a["params"], b["params"])
     assert _rel(a["params"], single[0]) < 1e-5
     assert torch.equal(a["resumed"], a["params"])  # per-rank state_dict round trip mid-run, bit for bit
+
+
+def test_watch_ddp_gives_the_service_every_workers_projection(two_workers):
+    """Noise damping on: DDP + watch_ddp (the projection hook) = GradientSync, which gathers
+    the workers' projections itself; plain DDP (no per-worker projections) runs differently."""
+    noise = two_workers[0]["noise"]
+    assert _rel(noise["ddp_watch"], noise["sync"]) < 1e-5
+    assert _rel(noise["ddp"], noise["sync"]) > 1e-4  # the noise estimate matters on this run
+    assert torch.equal(noise["ddp_watch"], two_workers[1]["noise"]["ddp_watch"])

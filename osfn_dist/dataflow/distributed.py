@@ -103,3 +103,53 @@ class LeaderExchange:
     def load_state_dict(self, sd: dict) -> None:
         if self.inner is not None and hasattr(self.inner, "load_state_dict") and sd:
             self.inner.load_state_dict(sd)
+
+
+class DDPProjections:
+    """Every worker's own projection Vᵀg_r under DDP, for the per-direction noise estimate,
+    without a second pass over the gradients: a DDP communication hook projects each bucket's
+    *local* gradient onto its rows of V just before the bucket's all-reduce (overlapped with
+    backward like the all-reduce itself), accumulating d floats; the optimizer all-gathers
+    those d floats per worker at its step. Costs one read of V per step (spread over the
+    buckets) and d·N floats of communication.
+
+    ``rows_of(p)`` gives the slice of V's rows that belongs to parameter ``p`` (its offset in
+    the optimizer's flat order), ``basis()`` the current V (None before the first step)."""
+
+    def __init__(self, ddp_model, rows_of, basis, group=None):
+        self.rows_of, self.basis, self.group = rows_of, basis, group
+        self.world = dist.get_world_size(group)
+        self.acc: torch.Tensor | None = None
+        ddp_model.register_comm_hook(self, DDPProjections._hook)
+
+    @staticmethod
+    def _hook(state: "DDPProjections", bucket):
+        basis = state.basis()
+        buf = bucket.buffer()
+        if basis is not None:
+            if state.acc is None:
+                state.acc = torch.zeros(basis.shape[1], dtype=torch.float64, device=basis.device)
+            offset = 0
+            for p in bucket.parameters():
+                n = p.numel()
+                lo, hi = state.rows_of(p)
+                part = basis[lo:hi].T @ buf[offset : offset + n].to(basis.dtype)
+                state.acc += part.to(torch.float64)
+                offset += n
+        # then DDP's own averaging
+        fut = dist.all_reduce(buf.div_(state.world), group=state.group, async_op=True).get_future()
+        return fut.then(lambda f: f.value()[0])
+
+    def gather(self) -> torch.Tensor | None:
+        """(N, d) float64 on the CPU, ordered by rank, and reset for the next step; None when
+        no bucket was projected (the first step, before the basis exists)."""
+        have = torch.tensor([0 if self.acc is None else 1], device=_backend_device(self.group))
+        dist.all_reduce(have, op=dist.ReduceOp.MIN, group=self.group)
+        if not int(have.item()):
+            self.acc = None
+            return None
+        local = self.acc.to(_backend_device(self.group)).contiguous()
+        out = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(out, local, group=self.group)
+        self.acc = None
+        return torch.stack([t.cpu() for t in out])
