@@ -59,3 +59,37 @@ def test_cuda_in_place_basis_products_match_cpu():
     a, b = project_pair(gpu, pair.cuda())
     exact = expected.T @ pair.double().T  # projections onto the rotated basis
     torch.testing.assert_close(torch.stack([a, b], 1).cpu().double(), exact, rtol=1e-3, atol=1e-2)
+
+
+def test_cuda_osfn_over_fused_adamw_matches_cpu_default():
+    """The wrapper on the GPU: OSFN around torch's fused AdamW (CUDA kernel) follows the CPU
+    run around the default AdamW."""
+    cpu, _ = _train("cpu", weight_decay=0.01)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4)).to("cuda")
+    opt = OSFN(base=torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01, fused=True), subspace_dim=4)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(40):
+        x = torch.randn(32, 16, generator=g).cuda()
+        y = torch.randn(32, 4, generator=g).cuda()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    gpu = torch.cat([p.detach().cpu().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-4)
+
+
+def test_cuda_compiled_kernels_match_eager():
+    """kernels='compiled' on the GPU (Inductor → Triton) against the eager ops."""
+    from osfn_dist.core import kernels
+
+    vt = torch.randn(8, 100_003, device="cuda")
+    coef, a, u = torch.randn(8, device="cuda"), torch.randn(8, device="cuda"), torch.randn(100_003, device="cuda")
+    move, resid = kernels.expand_residual(vt, coef, a, u)
+    assert not kernels._broken
+    torch.testing.assert_close(move, coef @ vt, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(resid, u - a @ vt, rtol=1e-4, atol=1e-4)
+    eager, _ = _train("cuda")
+    fused, _ = _train("cuda", kernels="compiled")
+    torch.testing.assert_close(fused, eager, rtol=1e-3, atol=1e-4)
