@@ -7,6 +7,7 @@ from .core.errors import (
     InvalidReportError,
     NonFiniteGradientError,
     OSFNError,
+    ReplicaDivergenceError,
     VersionMismatchError,
 )
 from .dataflow.curvature import CurvatureService
@@ -22,6 +23,7 @@ __all__ = [
     "InvalidReportError",
     "VersionMismatchError",
     "NonFiniteGradientError",
+    "ReplicaDivergenceError",
     "CurvatureServiceUnavailable",
 ]
 __version__ = "0.1.0"

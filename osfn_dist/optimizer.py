@@ -460,6 +460,8 @@ class OSFN(Optimizer):
         """(has_grad, curvature_step, flat averaged gradient or None, workers' projections or None)."""
         has_grad = [p.grad is not None for p in params]
         if self.gradient_sync is not None:
+            if hasattr(self.gradient_sync, "check_replicas"):
+                self.gradient_sync.check_replicas(params, self._steps + 1)
             # every decision below must be common to all ranks: a parameter with a gradient on
             # some rank has one (zeros) everywhere, so replicas move alike and none returns
             # early while the others wait in the all-reduce

@@ -12,6 +12,7 @@ update), the sharded basis and the pipelined exchange — checked step for step:
 - a failing leader exchange raises on every rank instead of leaving the others waiting;
 - OSFN on DDP-averaged gradients (no GradientSync) == the single process;
 - a parameter that only one rank uses moves alike on every rank;
+- a rank that changes its parameters alone, or builds another model, raises on every rank;
 - FSDP2 (fully_shard, DTensor parameters) == the single process, V sharded by the local shards,
   and its per-rank state_dict round trip continues bit for bit.
 
@@ -248,6 +249,41 @@ def _fsdp2_phase(rank, world, steps=STEPS):
             "steps": opt.diagnostics["step"]}
 
 
+def _divergence_phase(rank, world):
+    """Typed errors on every rank, no hang: a rank that changes its parameters on its own, and
+    ranks that build models of different sizes."""
+    from osfn_dist import DimensionMismatchError, ReplicaDivergenceError
+    from osfn_dist.dataflow.distributed import GradientSync, LeaderExchange
+
+    out = {}
+    workload = get_workload("tiny_mlp", seed=0)
+    model = workload.build_model()
+    opt = OSFN(model.parameters(), exchange=LeaderExchange(_service_exchange(0) if rank == 0 else None),
+               gradient_sync=GradientSync(check_every=1), **HYPER)
+    try:
+        for step, x, y in workload.batches(6, 0, workload.batch_size):
+            xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+            opt.zero_grad(set_to_none=True)
+            workload.loss_fn(model(xs), ys).backward()
+            if step == 3 and rank == 1:
+                with torch.no_grad():
+                    next(model.parameters())[0, 0] += 1e-3  # this rank alone
+            opt.step()
+        out["diverged"] = "no error"
+    except ReplicaDivergenceError as exc:
+        out["diverged"] = f"step {step}: {exc}"
+    other = torch.nn.Linear(4, 3 if rank == 0 else 5)
+    opt = OSFN(other.parameters(), exchange=LeaderExchange(_service_exchange(0) if rank == 0 else None),
+               gradient_sync=GradientSync(), **HYPER)
+    other(torch.randn(2, 4)).sum().backward()
+    try:
+        opt.step()
+        out["sizes"] = "no error"
+    except DimensionMismatchError as exc:
+        out["sizes"] = str(exc)
+    return out
+
+
 def _tsqr_phase():
     from osfn_dist.core.subspace import cholesky_qr2
     from osfn_dist.dataflow.shard import ShardedBasis
@@ -280,6 +316,7 @@ def _worker(rank, world, port, out_dir):
         out["unused"] = _unused_on_one_rank_phase(rank, world)
         out["scaler"] = _grad_scaler_phase(rank, world)
         out["fsdp2"] = _fsdp2_phase(rank, world)
+        out["divergence"] = _divergence_phase(rank, world)
         out["noise"] = {mode: _noise_phase(rank, world, mode) for mode in ("sync", "ddp", "ddp_watch")}
         # a leader whose exchange fails: every rank must raise, none may hang
         leader = LeaderExchange(_FailingExchange() if rank == 0 else None)
@@ -432,3 +469,10 @@ def test_watch_ddp_gives_the_service_every_workers_projection(two_workers):
     assert _rel(noise["ddp_watch"], noise["sync"]) < 1e-5
     assert _rel(noise["ddp"], noise["sync"]) > 1e-4  # the noise estimate matters on this run
     assert torch.equal(noise["ddp_watch"], two_workers[1]["noise"]["ddp_watch"])
+
+
+def test_a_rank_that_drifts_or_runs_another_model_is_a_typed_error_on_every_rank(two_workers):
+    for rank in range(2):
+        found = two_workers[rank]["divergence"]
+        assert found["diverged"].startswith("step 3: rank(s) [1] hold parameters that differ"), found
+        assert "different sizes [15, 25]" in found["sizes"], found

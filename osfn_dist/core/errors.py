@@ -27,5 +27,10 @@ class NonFiniteGradientError(OSFNError, FloatingPointError):
     """A NaN/Inf gradient with ``nonfinite='raise'``."""
 
 
+class ReplicaDivergenceError(OSFNError):
+    """Data-parallel replicas that should be identical are not (a rank changed its
+    parameters on its own, or runs another model): raised on every rank at once."""
+
+
 class CurvatureServiceUnavailable(OSFNError, ConnectionError):
     """The curvature service (Ray actor or gRPC server) could not be reached in time."""

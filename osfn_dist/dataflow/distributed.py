@@ -34,7 +34,7 @@ def _backend_device(group) -> torch.device:
 class GradientSync:
     """Average gradients and gather local subspace coordinates across a process group."""
 
-    def __init__(self, group=None):
+    def __init__(self, group=None, check_every: int = 100):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "GradientSync needs an initialised torch.distributed process group "
@@ -42,6 +42,36 @@ class GradientSync:
             )
         self.group = group
         self.world_size = dist.get_world_size(group)
+        # every check_every-th step (and the first) the replicas compare their parameter count
+        # and a fingerprint of their parameters (3 floats per rank)
+        self.check_every = int(check_every)
+
+    def check_replicas(self, params, step: int) -> None:
+        """Raise on every rank if the ranks hold models of different sizes (before a
+        mismatched all-reduce could hang or mix them) or replicas that have drifted apart."""
+        if self.check_every <= 0 or (step != 1 and step % self.check_every):
+            return
+        from ..core.errors import DimensionMismatchError, ReplicaDivergenceError
+
+        with torch.no_grad():
+            total = sum(p.numel() for p in params)
+            s1 = sum(float(p.detach().double().sum()) for p in params)
+            s2 = sum(float(p.detach().double().square().sum()) for p in params)
+        mine = torch.tensor([float(total), s1, s2], dtype=torch.float64, device=_backend_device(self.group))
+        out = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(out, mine, group=self.group)
+        rows = [t.cpu().tolist() for t in out]
+        sizes = [int(r[0]) for r in rows]
+        if len(set(sizes)) > 1:
+            raise DimensionMismatchError(
+                f"the ranks hold models of different sizes {sizes} (parameters per rank) at step {step}; "
+                "every rank must build the same model")
+        bad = [r for r, row in enumerate(rows) if row[1:] != rows[0][1:]]
+        if bad:
+            raise ReplicaDivergenceError(
+                f"rank(s) {bad} hold parameters that differ from rank 0's at step {step} (sum, sum of squares "
+                f"{[tuple(round(v, 9) for v in row[1:]) for row in rows]}); something changed them on one rank "
+                "only. Restart every rank from one checkpoint")
 
     def average(self, grad: torch.Tensor) -> torch.Tensor:
         """All-reduce the flat gradient (D,) in place and divide by the number of workers."""
