@@ -62,6 +62,15 @@ class StreamSlots:
             else:
                 self._by_peer.pop(host, None)
 
+    def take(self, context, stream: str, instead: str) -> str:
+        """A slot for this call's peer, or abort it with RESOURCE_EXHAUSTED saying what to use
+        instead; returns the peer (to ``release`` when the stream ends)."""
+        peer = context.peer()
+        refused = self.acquire(peer)
+        if refused is not None:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many {stream} streams ({refused}); {instead}")
+        return peer
+
     @property
     def open(self) -> int:
         with self._lock:
@@ -109,13 +118,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             self._changed.notify_all()
 
     def Watch(self, request, context):
-        peer = context.peer()
-        refused = self.watch_slots.acquire(peer)
-        if refused is not None:
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"too many Health/Watch streams ({refused}); poll Health/Check instead",
-            )
+        peer = self.watch_slots.take(context, "Health/Watch", "poll Health/Check instead")
         try:
             context.add_callback(self._wake)  # a cancelled stream frees its thread at once
             last = None

@@ -283,13 +283,7 @@ class CurvatureServer:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except JobNotFound as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        peer = context.peer()
-        refused = self._watch_slots.acquire(peer)
-        if refused is not None:
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"too many WatchState streams ({refused}); poll GetState instead",
-            )
+        peer = self._watch_slots.take(context, "WatchState", "poll GetState instead")
         done = threading.Event()  # set when the client cancels or the server stops
 
         def wake():
