@@ -18,7 +18,7 @@ from .dataflow.collect import build_report, flat_gradient, write_back
 from .dataflow.exchange import Exchange, InProcessExchange
 from .dataflow.messages import FIXED_SETTINGS, LIVE_HYPERPARAMETERS
 from .dataflow.curvature import CurvatureService
-from .dataflow.shard import REPLICATED, LocalShards, ShardedBasis, local
+from .dataflow.shard import REPLICATED, LocalShards, ShardedBasis, local, param_slices
 
 WORKER_STATE_VERSION = 2
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -42,22 +42,15 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
 
 def _subtract_params_(buf: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     """buf ← buf − flat(θ), slice by slice (no D-sized temporary)."""
-    offset = 0
-    for p in params:
-        mine = local(p).detach()
-        n = mine.numel()
-        buf[offset : offset + n].sub_(mine.reshape(-1).to(buf.dtype))
-        offset += n
+    for mine, rows in param_slices(params):
+        buf[rows].sub_(mine.detach().reshape(-1).to(buf.dtype))
     return buf
 
 
 def _zero_frozen_(vec: torch.Tensor, params: list[torch.Tensor], moves: list[bool]) -> None:
-    offset = 0
-    for p, ok in zip(params, moves):
-        n = local(p).numel()
+    for (_, rows), ok in zip(param_slices(params), moves):
         if not ok:
-            vec[offset : offset + n].zero_()
-        offset += n
+            vec[rows].zero_()
 
 
 class _MergedState(Mapping):
@@ -445,11 +438,9 @@ class OSFN(Optimizer):
 
         if self.gradient_sync is not None or self._layout.sharded:
             raise ConfigError("watch_ddp is for DDP; OSFN's own gradient_sync already gathers the projections")
-        offsets, start = {}, 0
-        for p in self._params():
-            offsets[id(p)] = (start, start + p.numel())
-            start += p.numel()
-        self._ddp_projections = DDPProjections(ddp_model, lambda p: offsets[id(p)], lambda: self._basis)
+        params = self._params()
+        rows = {id(p): r for p, (_, r) in zip(params, param_slices(params))}
+        self._ddp_projections = DDPProjections(ddp_model, lambda p: rows[id(p)], lambda: self._basis)
         return self
 
     def zero_grad(self, set_to_none: bool = True) -> None:

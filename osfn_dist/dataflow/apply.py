@@ -8,7 +8,7 @@ from ..core import kernels
 from ..core.errors import VersionMismatchError
 from ..core.subspace import apply_basis_update, cholesky_qr2
 from .messages import DirectionUpdate
-from .shard import REPLICATED, local
+from .shard import REPLICATED, param_slices
 
 
 def check_version(update: DirectionUpdate, basis_version: int) -> None:
@@ -60,10 +60,6 @@ def update_basis(basis: torch.Tensor, residual: torch.Tensor, update: DirectionU
 
 def scatter_add(params: list[torch.Tensor], delta: torch.Tensor, moves: list[bool]) -> None:
     """θ_i += Δθ[slice_i] for every parameter that moves this step."""
-    offset = 0
-    for p, ok in zip(params, moves):
-        mine = local(p)
-        n = mine.numel()
+    for (mine, rows), ok in zip(param_slices(params), moves):
         if ok:
-            mine.add_(delta[offset : offset + n].view_as(mine).to(mine.dtype))
-        offset += n
+            mine.add_(delta[rows].view_as(mine).to(mine.dtype))

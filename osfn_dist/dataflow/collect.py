@@ -5,7 +5,7 @@ import torch
 
 from ..core.subspace import project, project_pair
 from .messages import Report
-from .shard import REPLICATED, local
+from .shard import REPLICATED, local, param_slices
 
 
 def flat_gradient(params: list[torch.Tensor], dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,10 +84,7 @@ def build_report(
 
 def write_back(params: list[torch.Tensor], grad: torch.Tensor, has_grad: list[bool]) -> None:
     """Copy slices of a flat (averaged) gradient back into each ``p.grad``."""
-    offset = 0
-    for p, ok in zip(params, has_grad):
-        g = local(p.grad) if ok else None
-        n = local(p).numel()
+    for p, (_, rows), ok in zip(params, param_slices(params), has_grad):
         if ok:
-            g.copy_(grad[offset : offset + n].view_as(g))
-        offset += n
+            g = local(p.grad)
+            g.copy_(grad[rows].view_as(g))

@@ -143,7 +143,7 @@ class DDPProjections:
     those d floats per worker at its step. Costs one read of V per step (spread over the
     buckets) and d·N floats of communication.
 
-    ``rows_of(p)`` gives the slice of V's rows that belongs to parameter ``p`` (its offset in
+    ``rows_of(p)`` gives the slice of V's rows that belongs to parameter ``p`` (its place in
     the optimizer's flat order), ``basis()`` the current V (None before the first step)."""
 
     def __init__(self, ddp_model, rows_of, basis, group=None):
@@ -162,8 +162,7 @@ class DDPProjections:
             offset = 0
             for p in bucket.parameters():
                 n = p.numel()
-                lo, hi = state.rows_of(p)
-                part = basis[lo:hi].T @ buf[offset : offset + n].to(basis.dtype)
+                part = basis[state.rows_of(p)].T @ buf[offset : offset + n].to(basis.dtype)
                 state.acc += part.to(torch.float64)
                 offset += n
         # then DDP's own averaging

@@ -79,6 +79,17 @@ def local(t: torch.Tensor | None) -> torch.Tensor | None:
     return to_local() if to_local is not None else t
 
 
+def param_slices(params):
+    """(this rank's part of p, its slice of the optimizer's flat vectors) for each parameter,
+    in order: the one place the flat layout (parameters back to back) is spelled out."""
+    offset = 0
+    for p in params:
+        mine = local(p)
+        n = mine.numel()
+        yield mine, slice(offset, offset + n)
+        offset += n
+
+
 class ShardedBasis:
     """This rank holds rows [lo, hi) of V; D is split into nearly equal contiguous slices."""
 
