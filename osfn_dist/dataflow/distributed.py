@@ -25,6 +25,14 @@ def backend_device(backend: str) -> str:
     return "cpu"
 
 
+def agree(flags: list[bool], group=None, *, every: bool) -> list[bool]:
+    """Flags every rank shares, element-wise: AND across ranks (``every``) or OR — one tiny
+    all-reduce, so decisions that must be common are taken on the same facts everywhere."""
+    buf = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=_backend_device(group))
+    dist.all_reduce(buf, op=dist.ReduceOp.MIN if every else dist.ReduceOp.MAX, group=group)
+    return [bool(v) for v in buf.tolist()]
+
+
 def _backend_device(group) -> torch.device:
     if backend_device(dist.get_backend(group)) == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
@@ -85,9 +93,7 @@ class GradientSync:
 
     def any_rank(self, flags: list[bool]) -> list[bool]:
         """Element-wise OR of a list of flags across workers (one tiny all-reduce)."""
-        buf = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=_backend_device(self.group))
-        dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.group)
-        return [bool(v) for v in buf.tolist()]
+        return agree(flags, self.group, every=False)
 
     def gather_coords(self, coords: torch.Tensor) -> torch.Tensor:
         """(d,) local projection → (N, d) float64 on the CPU, ordered by rank."""
@@ -172,9 +178,7 @@ class DDPProjections:
     def gather(self) -> torch.Tensor | None:
         """(N, d) float64 on the CPU, ordered by rank, and reset for the next step; None when
         no bucket was projected (the first step, before the basis exists)."""
-        have = torch.tensor([0 if self.acc is None else 1], device=_backend_device(self.group))
-        dist.all_reduce(have, op=dist.ReduceOp.MIN, group=self.group)
-        if not int(have.item()):
+        if not agree([self.acc is not None], self.group, every=True)[0]:
             self.acc = None
             return None
         local = self.acc.to(_backend_device(self.group)).contiguous()

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from ..core.errors import DimensionMismatchError
 from ..core.subspace import project, qr_keep_orientation
-from .distributed import _backend_device
+from .distributed import _backend_device, agree
 
 
 class ReplicatedBasis:
@@ -235,6 +235,4 @@ class LocalShards(ShardedBasis):
 
     def all_true(self, flag: bool) -> bool:
         """A decision every rank must share (a local NaN stops the step everywhere)."""
-        buf = self._on_backend(torch.tensor([1.0 if flag else 0.0]))
-        dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(buf.item() > 0.5)
+        return agree([flag], self.group, every=True)[0]
