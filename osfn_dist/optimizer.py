@@ -138,6 +138,9 @@ class OSFN(Optimizer):
         self._bases: list[Optimizer] = []
         super().__init__([{"params": g["params"]} for b in bases for g in b.param_groups], {})
         self._bases = bases
+        # whether OSFN can read every base's gradient running mean (else the subspace source
+        # "momentum" is the base's measured displacement); the bases' types never change
+        self._reads_mean = all(map(reads_running_mean, bases))
         subspace = {k: getattr(config, k) for k in OSFNConfig.subspace_field_names()}
         # the base's defaults too: schedulers look for lr, momentum or betas here (OneCycleLR)
         self.defaults = {**bases[0].defaults, **subspace}
@@ -178,7 +181,6 @@ class OSFN(Optimizer):
         self._pair: torch.Tensor | None = None  # see _pair_buffer
         self._presynced = None  # sync_gradients() ran for this step (see there)
         self._ddp_projections = None  # watch_ddp()
-        self._synced_norm: float | None = None
         self._steps = 0
         self._skipped = 0
         self._last: dict = {}
@@ -275,7 +277,7 @@ class OSFN(Optimizer):
             b.step()
 
     def _check_source(self) -> None:
-        if self.param_groups[0]["subspace_source"] == "innovation" and not all(map(reads_running_mean, self._bases)):
+        if self.param_groups[0]["subspace_source"] == "innovation" and not self._reads_mean:
             names = [type(b).__name__ for b in self._bases if not reads_running_mean(b)]
             raise ConfigError(
                 f"subspace_source='innovation' needs the base's gradient running mean, which OSFN cannot read "
@@ -345,7 +347,7 @@ class OSFN(Optimizer):
         lacks (core.basis_rule.explore_update). None where the base keeps no running mean
         (yet): then the gradient, or for a base OSFN cannot read, its measured displacement."""
         kind = self.param_groups[0]["subspace_source"]
-        if kind == "gradient" or not all(map(reads_running_mean, self._bases)):
+        if kind == "gradient" or not self._reads_mean:
             return None
         parts = []
         for p, (base, group), ok in zip(params, self._owners(), has_grad):
@@ -362,7 +364,7 @@ class OSFN(Optimizer):
         return torch.cat(parts, out=out)
 
     def _displacement_is_source(self) -> bool:
-        return self.param_groups[0]["subspace_source"] != "gradient" and not all(map(reads_running_mean, self._bases))
+        return self.param_groups[0]["subspace_source"] != "gradient" and not self._reads_mean
 
     # ------------------------------------------------------------- step
     @torch.no_grad()
@@ -376,20 +378,19 @@ class OSFN(Optimizer):
         self._check_source()
         hyper = self._live_hyper()
         params = self._params()
-        synced, self._presynced = self._presynced, None
-        if synced is None:
-            synced = self._sync(params)
+        presynced, self._presynced = self._presynced, None
+        synced = self._sync(params) if presynced is None else presynced[0]
         has_grad, curvature_step, grad, worker_coords = synced
         if not any(has_grad):
             return loss
-        if grad is not None and self._synced_norm is not None:
+        if presynced is not None and grad is not None:
             # sync_gradients() ran before unscale/clip: the base steps on p.grad as it is now
             # (a uniform rescaling of what was averaged); take the flat gradient and the
             # workers' projections along with it
+            synced_norm = presynced[1]
             grad = flat_gradient(params, grad.dtype, out=grad)
-            if worker_coords is not None and self._synced_norm > 0:
-                worker_coords = worker_coords * (float(torch.linalg.vector_norm(grad)) / self._synced_norm)
-        self._synced_norm = None
+            if worker_coords is not None and synced_norm > 0:
+                worker_coords = worker_coords * (float(torch.linalg.vector_norm(grad)) / synced_norm)
         if not self._layout.all_true(_all_finite([local(p.grad) for p, ok in zip(params, has_grad) if ok])):
             self._skipped += 1
             self._last = {**self._last, "skipped_steps": self._skipped}
@@ -425,9 +426,9 @@ class OSFN(Optimizer):
         if self.gradient_sync is None:
             return
         synced = self._sync(self._params())
-        self._presynced = synced
         grad = synced[2]
-        self._synced_norm = None if grad is None else float(torch.linalg.vector_norm(grad))
+        # (has_grad, curvature_step, grad, worker_coords) and ‖ḡ‖ as averaged, for step()
+        self._presynced = (synced, None if grad is None else float(torch.linalg.vector_norm(grad)))
 
     def watch_ddp(self, ddp_model) -> "OSFN":
         """Give the curvature service every worker's own projection under DDP (the
@@ -444,15 +445,14 @@ class OSFN(Optimizer):
         return self
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self._presynced = self._synced_norm = None
+        self._presynced = None
         super().zero_grad(set_to_none=set_to_none)
 
     def _sync(self, params):
         """(has_grad, curvature_step, flat averaged gradient or None, workers' projections or None)."""
         has_grad = [p.grad is not None for p in params]
         if self.gradient_sync is not None:
-            if hasattr(self.gradient_sync, "check_replicas"):
-                self.gradient_sync.check_replicas(params, self._steps + 1)
+            self.gradient_sync.check_replicas(params, self._steps + 1)
             # every decision below must be common to all ranks: a parameter with a gradient on
             # some rank has one (zeros) everywhere, so replicas move alike and none returns
             # early while the others wait in the all-reduce
@@ -522,7 +522,8 @@ class OSFN(Optimizer):
             pair = self._pair_buffer(basis)
             if grad is None:
                 grad = flat_gradient(params, basis.dtype, out=None if pair is None else pair[0])
-            if self._displacement_is_source():
+            from_displacement = self._displacement_is_source()
+            if from_displacement:
                 source, in_pair = self._prev_disp, False  # the base's last measured step (None at first)
             else:
                 source = self._running_mean_source(params, has_grad, basis.dtype, out=None if pair is None else pair[1])
@@ -554,7 +555,7 @@ class OSFN(Optimizer):
                 source_coords=coords if report.source_coords is None else report.source_coords.to(basis.device, basis.dtype),
                 compiled=self.param_groups[0]["kernels"] == "compiled",
             )
-            if self._displacement_is_source():
+            if from_displacement:
                 self._prev_disp = disp if not measure else disp.clone()
             if measure:
                 _zero_frozen_(move, params, moves)
