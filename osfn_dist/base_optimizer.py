@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
-from .core.config import OSFNConfig
+from .core.config import COMPLEMENT_FIELDS, OSFNConfig
 from .core.errors import ConfigError
 
 _ADAM_KEYS = ("lr", "betas", "eps", "weight_decay")
@@ -19,8 +19,7 @@ _ADAM_KEYS = ("lr", "betas", "eps", "weight_decay")
 
 def _group_kwargs(group: dict, config: OSFNConfig) -> dict:
     """A user's param group with OSFN's complement fields filled in from ``config``."""
-    return {k: group.get(k, getattr(config, k)) for k in ("lr", "complement", "momentum", "betas", "eps",
-                                                          "weight_decay", "aux_lr")}
+    return {k: group.get(k, getattr(config, k)) for k in COMPLEMENT_FIELDS}
 
 
 def build_default_bases(groups: list[dict], config: OSFNConfig) -> list[Optimizer]:
