@@ -338,7 +338,7 @@ class OSFN(Optimizer):
             buf = self._pair = torch.empty(shape, dtype=basis.dtype, device=basis.device)
         return buf
 
-    def _running_mean_source(self, params, has_grad, dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    def _running_mean_source(self, params, owners, has_grad, dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """The subspace source read from the base's state before it steps (m_{t−1}).
 
         ``momentum``: the base's gradient running mean (AdamW exp_avg, the momentum buffer),
@@ -350,7 +350,7 @@ class OSFN(Optimizer):
         if kind == "gradient" or not self._reads_mean:
             return None
         parts = []
-        for p, (base, group), ok in zip(params, self._owners(), has_grad):
+        for p, (base, group), ok in zip(params, owners, has_grad):
             buf, scale = running_mean(base, base.state.get(p, {}), group, self._steps - 1)
             if buf is None:
                 if ok:
@@ -516,7 +516,8 @@ class OSFN(Optimizer):
         layout = self._layout
         # a parameter without a gradient, or in a group with lr = 0, is frozen: neither the
         # base nor the shared subspace moves it, and the reported position knows it
-        moves = [ok and float(group["lr"]) > 0 for ok, (_, group) in zip(has_grad, self._owners())]
+        owners = self._owners()
+        moves = [ok and float(group["lr"]) > 0 for ok, (_, group) in zip(has_grad, owners)]
         measure = not all(moves) or any(p.dtype in LOW_PRECISION for p in params)
         with _phase("osfn.collect"):  # flatten, project g and the source in one pass over V
             pair = self._pair_buffer(basis)
@@ -526,7 +527,8 @@ class OSFN(Optimizer):
             if from_displacement:
                 source, in_pair = self._prev_disp, False  # the base's last measured step (None at first)
             else:
-                source = self._running_mean_source(params, has_grad, basis.dtype, out=None if pair is None else pair[1])
+                source = self._running_mean_source(params, owners, has_grad, basis.dtype,
+                                                   out=None if pair is None else pair[1])
                 in_pair = source is not None and pair is not None
             before = _flat(params, basis.dtype)
             # exact residual norms matter only while directions are being filled
