@@ -6,7 +6,7 @@ against the full method at a few eigenvalue floors, all at one learning rate (th
 tuned rate from the standard benchmark). Final full-train
 loss after ``--steps``, mean over seeds; a negative change means the Newton step helped.
 
-    python bench/contribution.py                 # 4 workloads x 3 bases x 8 seeds
+    python bench/contribution.py                 # 5 workloads x 3 bases x 8 seeds
     python bench/contribution.py --floors 0.1 1 --workloads deep_linear
 """
 from __future__ import annotations
@@ -16,11 +16,14 @@ import multiprocessing as mp
 import statistics
 import time
 
-# the peer's best rate in bench-results/standard.md (the OSFN variant's grid shares its centre)
+# the peer's best rate in bench-results/standard.md (char_lm: bench-results/char_lm.md) (the OSFN variant's grid shares its centre)
 PEER_LR = {
-    "osfn": {"mnist1d_mlp": 1e-2, "mnist1d_cnn": 1e-2, "digits_autoencoder": 3.16e-3, "deep_linear": 3.16e-2},
-    "osfn_muon": {"mnist1d_mlp": 1.58e-2, "mnist1d_cnn": 1.58e-1, "digits_autoencoder": 1.58e-2, "deep_linear": 1.58e-2},
-    "osfn_soap": {"mnist1d_mlp": 1e-2, "mnist1d_cnn": 1e-2, "digits_autoencoder": 1e-2, "deep_linear": 3.16e-3},
+    "osfn": {"mnist1d_mlp": 1e-2, "mnist1d_cnn": 1e-2, "digits_autoencoder": 3.16e-3, "deep_linear": 3.16e-2,
+             "char_lm": 1e-2},
+    "osfn_muon": {"mnist1d_mlp": 1.58e-2, "mnist1d_cnn": 1.58e-1, "digits_autoencoder": 1.58e-2, "deep_linear": 1.58e-2,
+                  "char_lm": 5e-2},
+    "osfn_soap": {"mnist1d_mlp": 1e-2, "mnist1d_cnn": 1e-2, "digits_autoencoder": 1e-2, "deep_linear": 3.16e-3,
+                  "char_lm": 3.16e-2},
 }
 BASE_LABEL = {"osfn": "torch AdamW", "osfn_muon": "torch Muon + AdamW", "osfn_soap": "heavyball SOAP"}
 

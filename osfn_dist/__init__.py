@@ -1,5 +1,5 @@
 """osfn-dist: online saddle-free Newton (OSFN) for PyTorch, from a laptop to a Ray cluster."""
-from .core.config import OSFNConfig
+from .core.config import LOW_DIMENSIONAL, OSFNConfig
 from .core.errors import (
     ConfigError,
     CurvatureServiceUnavailable,
@@ -16,6 +16,7 @@ from .optimizer import OSFN
 __all__ = [
     "OSFN",
     "OSFNConfig",
+    "LOW_DIMENSIONAL",
     "CurvatureService",
     "OSFNError",
     "ConfigError",

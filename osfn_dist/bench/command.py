@@ -12,7 +12,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help="2 workloads, 150 steps, 3-point grid, 3 seeds")
-    p.add_argument("--workloads", nargs="+", help="workloads to run (default: all four, or two with --quick)")
+    p.add_argument("--workloads", nargs="+", help="workloads to run (default: all five, or two with --quick)")
     p.add_argument("--optimizers", nargs="+", help="optimizers to compare (see osfn_dist/bench/peers.py)")
     p.add_argument("--steps", type=int, help="steps per run (default: each workload's)")
     p.add_argument("--grid", type=int, help="learning rates per optimizer (same for all)")

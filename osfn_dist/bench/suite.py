@@ -19,7 +19,7 @@ from ..workloads import get_workload
 from .peers import DEFAULT_PEERS, PEERS, lr_grid
 from .runner import run_one
 
-FULL_WORKLOADS = ("mnist1d_mlp", "mnist1d_cnn", "digits_autoencoder", "deep_linear")
+FULL_WORKLOADS = ("mnist1d_mlp", "mnist1d_cnn", "digits_autoencoder", "deep_linear", "char_lm")
 QUICK_WORKLOADS = ("mnist1d_mlp", "deep_linear")
 
 

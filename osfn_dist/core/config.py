@@ -143,3 +143,24 @@ class OSFNConfig:
         need("noise_damping", isinstance(self.noise_damping, bool), "True or False")
         need("nonfinite", self.nonfinite in NONFINITE_POLICIES, f"one of {NONFINITE_POLICIES}")
         need("kernels", self.kernels in KERNELS, f"one of {KERNELS}")
+
+
+# Settings for small, low-noise, low-dimensional problems like the seed paper's test functions
+# (arXiv:1901.11457: 50 steps, a few parameters): the subspace spans every direction, the
+# regression forgets fast (β = 0.5, the author's range 0.5–0.7), Newton owns the subspace
+# (π = 0) from the second step on a short momentum (0.3), and the step follows the current
+# gradient (source "gradient", no noise damping). bench/seed_toys.py measures it; on
+# networks keep the defaults.
+LOW_DIMENSIONAL = {
+    "subspace_dim": 2,
+    "complement": "sgd",
+    "forgetting": 0.5,
+    "newton_lr": 1 / 1.2,
+    "newton_momentum": 0.3,
+    "eig_floor": 1.0,
+    "trust_radius": 1.0,
+    "newton_warmup": 2,
+    "subspace_source": "gradient",
+    "complement_in_subspace": 0.0,
+    "noise_damping": False,
+}

@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import Workload
+from .text import char_lm
 
 
 @lru_cache(maxsize=2)
@@ -146,5 +147,6 @@ BUILTIN = {
     "mnist1d_cnn": mnist1d_cnn,
     "digits_autoencoder": digits_autoencoder,
     "deep_linear": deep_linear,
+    "char_lm": char_lm,
     "tiny_mlp": tiny_mlp,
 }
