@@ -119,7 +119,8 @@ def network_trace(args):
                 rows.append(row)
                 print(f"{label:15s} step {step:4d}  loss {row['loss']:.4f}  angles max/median "
                       f"{row['max_angle']:.0f}/{row['median_angle']:.0f}°  leak {row['leak']:.3f}  "
-                      f"top |λ| {abs(row['true_top'][0]):.3g}  fitted {_fmt(row['fitted'][:3])}  "
+                      f"top |λ| {abs(row['true_top'][0]):.3g}  model error {row['model_error']:.2f}  "
+                      f"fitted {_fmt(row['fitted'][:3])}  "
                       f"vᵀHv {_fmt(row['rayleigh'][:3])}  ({time.time() - t0:.0f} s)", flush=True)
         traces[label] = rows
     return traces
@@ -135,7 +136,7 @@ def plot(traces, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    fig, axes = plt.subplots(1, 5, figsize=(21, 3.8))
     for (label, rows), color in zip(traces.items(), ("tab:gray", "tab:blue")):
         s = [r["step"] for r in rows]
         axes[0].plot(s, [r["loss"] for r in rows], color=color, label=label)
@@ -146,11 +147,13 @@ def plot(traces, path, title):
                      ls="--", label=f"{label}: fitted |λ| (top)")
         axes[3].plot(s, [abs(r["rayleigh"][0]) if r["rayleigh"] else float("nan") for r in rows], color=color,
                      label=f"{label}: true vᵀHv (same direction)")
+        axes[4].plot(s, [r["model_error"] for r in rows], color=color, label=label)
     axes[3].plot(s, [abs(r["true_top"][0]) for r in rows], color="k", lw=0.8, label="true top |λ|")
     axes[0].set_yscale("log")
     axes[3].set_yscale("log")
     for ax, t in zip(axes, ("train loss", "principal angles V vs top-d |λ| eigenspace (°)",
-                            "leak: complement step share in top-d eigenspace", "curvature")):
+                            "leak: complement step share in top-d eigenspace", "curvature",
+                            "model error ‖fit − VᵀHV‖/‖VᵀHV‖")):
         ax.set_title(t, fontsize=9)
         ax.set_xlabel("step")
         ax.legend(fontsize=6)

@@ -12,6 +12,7 @@ from .core.errors import (
 )
 from .dataflow.curvature import CurvatureService
 from .optimizer import OSFN
+from . import checkpoint
 
 __all__ = [
     "OSFN",

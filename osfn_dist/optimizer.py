@@ -624,10 +624,40 @@ class OSFN(Optimizer):
             # decides exact residual norms on the next step (see step()); a resume must agree
             "alive_directions": self._last.get("alive_directions", 0),
         }
+        if isinstance(self._layout, LocalShards):
+            worker.update(self._fsdp_rows())
         if self._owns_service:
             worker["service"] = self.exchange.state_dict()
         sd["osfn"] = worker
         return sd
+
+    def _fsdp_rows(self) -> dict:
+        """Under FSDP2 the D-sized parts (V, the anchor, the last displacement) as DTensors
+        shaped and placed like their parameters, always present (zeros and a flag where
+        unset) so a fresh optimizer's state_dict is a template torch.distributed.checkpoint
+        can load into — across world sizes, since DCP reshards DTensors."""
+        params = self._params()
+        basis = self._ensure_basis(params)
+        rows = {"basis": self._layout.to_global(basis, params, (self.subspace_dim,)),
+                "basis_layout": {"kind": "fsdp"}}
+        for key, value in (("anchor", self._anchor), ("prev_displacement", self._prev_disp)):
+            flat = value if value is not None else basis.new_zeros(basis.shape[0])
+            rows[key] = self._layout.to_global(flat, params)
+            rows[f"has_{key}"] = value is not None
+        return rows
+
+    def _load_fsdp_rows(self, worker: dict, saved_layout: dict) -> dict:
+        if not isinstance(self._layout, LocalShards) or saved_layout.get("kind") != "fsdp":
+            raise DimensionMismatchError(
+                f"checkpoint basis layout {saved_layout} does not match this optimizer's "
+                f"{self._layout.describe()}: an FSDP2 checkpoint loads into an FSDP2-sharded model, and only there")
+        params = self._params()
+        self._layout.bind(sum(local(p).numel() for p in params))
+        worker = dict(worker)
+        worker["basis"] = self._layout.from_global(worker["basis"], params, (self.subspace_dim,))
+        for key in ("anchor", "prev_displacement"):
+            worker[key] = self._layout.from_global(worker[key], params) if worker[f"has_{key}"] else None
+        return worker
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
@@ -649,6 +679,9 @@ class OSFN(Optimizer):
             )
         basis = worker["basis"]
         saved_layout = worker.get("basis_layout", {"kind": "replicated"})
+        if saved_layout.get("kind") == "fsdp" or isinstance(self._layout, LocalShards):
+            worker = self._load_fsdp_rows(worker, saved_layout)
+            basis, saved_layout = worker["basis"], self._layout.describe()
         if basis is not None:
             self._layout.bind(sum(local(p).numel() for p in self._params()))
             if saved_layout != self._layout.describe():

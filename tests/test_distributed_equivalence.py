@@ -14,7 +14,7 @@ update), the sharded basis and the pipelined exchange — checked step for step:
 - a parameter that only one rank uses moves alike on every rank;
 - a rank that changes its parameters alone, or builds another model, raises on every rank;
 - FSDP2 (fully_shard, DTensor parameters) == the single process, V sharded by the local shards,
-  and its per-rank state_dict round trip continues bit for bit.
+  and its per-rank state_dict and torch.distributed.checkpoint round trips continue bit for bit.
 
 One spawn runs every phase (starting processes is the slow part on 2 cores).
 """
@@ -204,7 +204,7 @@ def _grad_scaler_phase(rank, world, steps=12, overflow_at=5):
             "last_norm": float(norm)}
 
 
-def _fsdp2_phase(rank, world, steps=STEPS):
+def _fsdp2_phase(rank, world, out_dir, steps=STEPS):
     """FSDP2: every Linear and the root fully_shard-ed (DTensor parameters, reduce-scattered
     averaged gradients); OSFN with its default in-process service on every rank (all ranks
     build the same report from all-reduced projections) and torch's AdamW on DTensors."""
@@ -238,13 +238,32 @@ def _fsdp2_phase(rank, world, steps=STEPS):
     train(model, opt, 0, RESUME_AT)
     # per-rank checkpoint: the model's and the optimizer's DTensor shards, V's local rows
     saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    # and through torch.distributed.checkpoint: every rank writes its own rows
+    from osfn_dist import checkpoint
+
+    checkpoint.save(os.path.join(out_dir, "dcp"), model, opt)
     train(model, opt, RESUME_AT, steps)
     resumed_model, resumed_opt = build()
     resumed_model.load_state_dict(saved[0])
     resumed_opt.load_state_dict(saved[1])
     train(resumed_model, resumed_opt, RESUME_AT, steps)
+    dcp_model, dcp_opt = build()
+    checkpoint.load(os.path.join(out_dir, "dcp"), dcp_model, dcp_opt)
+    train(dcp_model, dcp_opt, RESUME_AT, steps)
+    # a checkpoint from another subspace size is refused, naming what differs
+    other = workload.build_model()
+    for layer in other.modules():
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(other, mesh=mesh)
+    try:
+        checkpoint.load(os.path.join(out_dir, "dcp"), other, OSFN(other.parameters(), **{**HYPER, "subspace_dim": 6}))
+        refused = "no error"
+    except Exception as exc:
+        refused = f"{type(exc).__name__}: {exc}"
     params = full(model)
-    return {"params": params, "resumed": full(resumed_model), "local_rows": opt.basis.shape[0],
+    return {"params": params, "resumed": full(resumed_model), "dcp_resumed": full(dcp_model), "refused": refused,
+            "local_rows": opt.basis.shape[0],
             "total": params.numel(), "layout": opt.state_dict()["osfn"]["basis_layout"],
             "steps": opt.diagnostics["step"]}
 
@@ -315,7 +334,7 @@ def _worker(rank, world, port, out_dir):
         out["ddp"] = _ddp_phase(rank, world)
         out["unused"] = _unused_on_one_rank_phase(rank, world)
         out["scaler"] = _grad_scaler_phase(rank, world)
-        out["fsdp2"] = _fsdp2_phase(rank, world)
+        out["fsdp2"] = _fsdp2_phase(rank, world, out_dir)
         out["divergence"] = _divergence_phase(rank, world)
         out["noise"] = {mode: _noise_phase(rank, world, mode) for mode in ("sync", "ddp", "ddp_watch")}
         # a leader whose exchange fails: every rank must raise, none may hang
@@ -460,6 +479,8 @@ def test_fsdp2_sharded_osfn_matches_single_process_and_keeps_only_local_rows(two
     assert torch.equal(a["params"], b["params"])
     assert _rel(a["params"], single[0]) < 1e-5
     assert torch.equal(a["resumed"], a["params"])  # per-rank state_dict round trip mid-run, bit for bit
+    assert torch.equal(a["dcp_resumed"], a["params"])  # torch.distributed.checkpoint round trip, bit for bit
+    assert a["refused"].startswith("DimensionMismatchError") and "osfn_rows.basis" in a["refused"], a["refused"]
 
 
 def test_watch_ddp_gives_the_service_every_workers_projection(two_workers):

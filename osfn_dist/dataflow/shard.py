@@ -236,3 +236,43 @@ class LocalShards(ShardedBasis):
     def all_true(self, flag: bool) -> bool:
         """A decision every rank must share (a local NaN stops the step everywhere)."""
         return agree([flag], self.group, every=True)[0]
+
+    # -- checkpoints: the flat local vectors as DTensors sharded like their parameters, so
+    # torch.distributed.checkpoint saves every rank's rows (a plain tensor under one key is
+    # taken as replicated: only rank 0's copy would be kept) and reshards them on load
+    def to_global(self, flat: torch.Tensor, params, trailing: tuple[int, ...] = ()) -> list:
+        """``flat`` (local total, *trailing) → one DTensor of shape (*p.shape, *trailing) per
+        parameter, placed like p."""
+        from torch.distributed.tensor import DTensor
+
+        out = []
+        for p, (mine, rows) in zip(params, param_slices(params)):
+            chunk = flat[rows].clone().view(*mine.shape, *trailing)  # its own storage (a view does not deepcopy)
+            shape = (*p.shape, *trailing)
+            out.append(DTensor.from_local(chunk, p.device_mesh, p.placements, run_check=False,
+                                          shape=torch.Size(shape), stride=_contiguous_stride(shape)))
+        return out
+
+    def from_global(self, tensors: list, params, trailing: tuple[int, ...] = ()) -> torch.Tensor:
+        """The inverse of ``to_global``: this rank's rows, back to back (local total, *trailing)."""
+        if len(tensors) != len(params):
+            raise DimensionMismatchError(
+                f"checkpoint holds basis rows for {len(tensors)} parameters, this model has {len(params)}")
+        parts = []
+        for i, (t, (mine, _)) in enumerate(zip(tensors, param_slices(params))):
+            part = local(t)
+            if tuple(part.shape) != (*mine.shape, *trailing):
+                raise DimensionMismatchError(
+                    f"checkpoint rows for parameter {i} have local shape {tuple(part.shape)}, this rank holds "
+                    f"{tuple(mine.shape)} (+{trailing}): load it with torch.distributed.checkpoint (which "
+                    "reshards), or with the same model and world size")
+            parts.append(part.reshape(mine.numel(), *trailing))
+        return torch.cat(parts) if parts else torch.zeros(0, *trailing)
+
+
+def _contiguous_stride(shape) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for n in reversed(shape):
+        stride.append(acc)
+        acc *= n
+    return tuple(reversed(stride))

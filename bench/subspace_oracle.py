@@ -1,0 +1,264 @@
+"""Which piece limits OSFN on networks? Two ground-truth experiments (HVPs: bench only).
+
+1. ``findable``: is the sharp subspace findable from gradients at all? At step ``--at`` of an
+   AdamW run (the peer's tuned rate), the top-k |λ| eigenspace of the full-batch Hessian
+   (Lanczos) against candidate k-dimensional subspaces: PCA of 128 minibatch gradients at the
+   same θ (the gradient noise), PCA of the last 64 training gradients, of their differences,
+   of AdamW's last 64 steps, a random subspace — and OSFN's own online V after the same
+   number of steps (default rule, and Oja on the raw gradient at rate 0.3). Score: captured
+   curvature = mean vᵀHv over an orthonormal basis of the candidate ÷ mean |λ| of the true
+   top k (1 = the sharp subspace itself, ≈ 0 for a random one), and the median / max
+   principal angle.
+2. ``regression``: the regression alone (core math, no optimizer), on a 12-D quadratic with
+   eigenvalues −3 … 8 whose position follows plain gradient descent (lr 0.02), the gradient
+   in V regressed on the position in V at OSFN's default forgetting: model error against
+   VᵀHV for V = the true top-4 eigenvectors (an invariant subspace), a perturbed one, and a
+   random one, without and with gradient noise.
+3. ``oracle``: does a better curvature model inside OSFN's V help? OSFN as it runs, against
+   the same OSFN whose fitted Hessian is replaced at every step by the exact one inside its
+   own V (VᵀHV by d Hessian-vector products of the full-batch loss), for both subspace rules,
+   π = 1 and 0, over a learning-rate grid; AdamW on the same grid.
+
+    python bench/subspace_oracle.py                        # both, ~4 min on 2 cores
+    python bench/subspace_oracle.py --skip-oracle --findable-workloads char_lm   # ~6 min
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import osfn_dist.dataflow.curvature as curvature  # noqa: E402
+from osfn_dist import OSFN  # noqa: E402
+from osfn_dist.bench.ground_truth import lanczos_top, model_hvp, principal_angles_deg  # noqa: E402
+from osfn_dist.workloads import get_workload  # noqa: E402
+
+K = 8
+TUNED_ADAMW_LR = {"deep_linear": 3.16e-2, "mnist1d_mlp": 1e-2, "mnist1d_cnn": 1e-2,
+                  "digits_autoencoder": 3.16e-3, "char_lm": 1e-2}
+RULES = {"default (Oja on the momentum, rate 0.1)": {},
+         "Oja on the gradient, rate 0.3": {"subspace_source": "gradient", "subspace_rate": 0.3}}
+
+
+def _flat_grad(model) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double().clone()
+
+
+def _flat_params(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().clone()
+
+
+def _top_pca(rows: list[torch.Tensor], k: int) -> torch.Tensor:
+    _, _, vh = torch.linalg.svd(torch.stack(rows), full_matrices=False)
+    return vh[:k].T
+
+
+def _exact_hvp(model, work):
+    hvp, dim = model_hvp(model, work.loss_fn, *work.train)
+
+    def math_attention_hvp(vec):  # CPU flash attention has no double backward
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            return hvp(vec)
+
+    return math_attention_hvp, dim
+
+
+def captured(hvp, candidate: torch.Tensor, top_abs_mean: float) -> float:
+    q, _ = torch.linalg.qr(candidate.to(torch.float64))
+    return sum(float(q[:, i] @ hvp(q[:, i])) for i in range(q.shape[1])) / q.shape[1] / top_abs_mean
+
+
+def _train(work, make_opt, steps: int, seed: int = 0, keep: int = 0):
+    torch.manual_seed(seed)
+    model = work.build_model()
+    opt = make_opt(model.parameters())
+    grads, moves = [], []
+    for step, x, y in work.batches(steps, seed=seed):
+        opt.zero_grad()
+        work.loss_fn(model(x), y).backward()
+        before = _flat_params(model) if step > steps - keep else None
+        if before is not None:
+            grads.append(_flat_grad(model))
+        opt.step()
+        if before is not None:
+            moves.append(_flat_params(model) - before)
+    return model, opt, grads, moves
+
+
+def findable(name: str, at: int) -> list[tuple[str, float, float, float]]:
+    work = get_workload(name)
+    lr = TUNED_ADAMW_LR[name]
+    model, _, grads, moves = _train(work, lambda ps: torch.optim.AdamW(ps, lr=lr), at, keep=64)
+    hvp, dim = _exact_hvp(model, work)
+    lam, top = lanczos_top(hvp, dim, K)
+    scale = float(lam.abs().mean())
+    noise = []
+    for _, x, y in work.batches(128, seed=1):
+        model.zero_grad()
+        work.loss_fn(model(x), y).backward()
+        noise.append(_flat_grad(model))
+    mean = torch.stack(noise).mean(0)
+    candidates = {
+        "PCA of 128 minibatch gradients at θ (noise)": _top_pca([g - mean for g in noise], K),
+        "PCA of the last 64 training gradients": _top_pca(grads, K),
+        "PCA of their differences": _top_pca([b - a for a, b in zip(grads, grads[1:])], K),
+        "PCA of AdamW's last 64 steps": _top_pca(moves, K),
+        "random": torch.randn(dim, K, dtype=torch.float64, generator=torch.Generator().manual_seed(0)),
+    }
+    rows = []
+    for label, v in candidates.items():
+        ang = principal_angles_deg(v, top)
+        rows.append((label, captured(hvp, v, scale), float(ang.median()), float(ang.max())))
+    for label, rule in RULES.items():  # OSFN's own V after as many steps, at the same rate
+        osfn_model, opt, _, _ = _train(work, lambda ps: OSFN(ps, lr=lr, **rule), at)
+        o_hvp, _ = _exact_hvp(osfn_model, work)
+        o_lam, o_top = lanczos_top(o_hvp, dim, K)
+        v = opt.basis.detach().double()
+        v = v[:, torch.linalg.vector_norm(v, dim=0) > 0.5]
+        ang = principal_angles_deg(v, o_top)
+        rows.append((f"OSFN's online V, {label}", captured(o_hvp, v, float(o_lam.abs().mean())),
+                     float(ang.median()), float(ang.max())))
+    return rows, [float(x) for x in lam[:4]]
+
+
+class ExactHessianInV:
+    """Replaces the curvature service's regression by the exact Hessian inside the current V
+    (on the directions the service treats as mature), while installed."""
+
+    def __init__(self, opt: OSFN, hvp):
+        self.opt, self.hvp, self.saved = opt, hvp, None
+
+    def __call__(self, cov_xx, cov_yx, ridge):
+        service = self.opt.exchange.service
+        mature = service.alive & (service.stats.count >= curvature.MIN_SAMPLES)
+        v = self.opt.basis.detach().double()[:, torch.nonzero(mature).flatten()]
+        hv = torch.stack([self.hvp(v[:, i]) for i in range(v.shape[1])], dim=1)
+        inside = v.T @ hv
+        return 0.5 * (inside + inside.T)
+
+    def __enter__(self):
+        self.saved = curvature.solve_symmetric_hessian
+        curvature.solve_symmetric_hessian = self
+        return self
+
+    def __exit__(self, *exc):
+        curvature.solve_symmetric_hessian = self.saved
+
+
+def final_loss(work, make_opt, steps: int, seed: int, exact_h: bool) -> float:
+    torch.manual_seed(seed)
+    model = work.build_model()
+    opt = make_opt(model.parameters())
+    oracle = ExactHessianInV(opt, _exact_hvp(model, work)[0]) if exact_h else None
+    with oracle if oracle is not None else _nothing():
+        for _, x, y in work.batches(steps, seed=seed):
+            opt.zero_grad()
+            loss = work.loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            if not torch.isfinite(loss):
+                return float("inf")
+    return work.evaluate(model, "train")
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
+
+
+def oracle_table(name: str, lrs: list[float], seeds: int, steps: int) -> None:
+    work = get_workload(name)
+    print(f"\n{name}: final train loss after {steps} steps, mean of {seeds} seeds\n")
+    print("| optimizer | π | Hessian in V | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |")
+    print("|---|---|---|" + "---|" * len(lrs))
+
+    def row(label, pi, h, make, exact):
+        cells = [statistics.mean(final_loss(work, make(lr), steps, s, exact) for s in range(seeds)) for lr in lrs]
+        best = min(cells)
+        print(f"| {label} | {pi} | {h} | " + " | ".join(f"**{c:.4g}**" if c == best else f"{c:.4g}" for c in cells)
+              + " |", flush=True)
+
+    row("AdamW", "", "", lambda lr: lambda ps: torch.optim.AdamW(ps, lr=lr), False)
+    for label, rule in RULES.items():
+        for pi in (1.0, 0.0):
+            for exact in (False, True):
+                row(f"OSFN, {label}", f"{pi:g}", "exact VᵀHV" if exact else "fitted (OSFN)",
+                    lambda lr, rule=rule, pi=pi: lambda ps: OSFN(ps, lr=lr, complement_in_subspace=pi, **rule), exact)
+
+
+def regression_table(steps: int = 200, beta: float = 0.05, ridge: float = 1e-3) -> None:
+    from osfn_dist.core.regression import RegressionStats, solve_symmetric_hessian
+
+    gen = torch.Generator().manual_seed(0)
+    dim, d = 12, 4
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, dtype=torch.float64, generator=gen))
+    ev = torch.linspace(-3.0, 8.0, dim, dtype=torch.float64)
+    hess = q @ torch.diag(ev) @ q.T
+    top = q[:, torch.argsort(ev.abs(), descending=True)[:d]]
+    bases = {"true top-4 eigenvectors": top,
+             "top-4 + 0.3 × random, re-orthonormalised": torch.linalg.qr(top + 0.3 * torch.randn(dim, d, dtype=torch.float64, generator=gen))[0],
+             "random": torch.linalg.qr(torch.randn(dim, d, dtype=torch.float64, generator=gen))[0]}
+    print(f"\nThe regression alone: model error ‖fit − VᵀHV‖/‖VᵀHV‖ on a {dim}-D quadratic under gradient descent "
+          f"(forgetting {beta}, ridge {ridge})\n")
+    print("| V | gradient noise | step 50 | step 100 | step 200 |")
+    print("|---|---|---|---|---|")
+    for noise in (0.0, 0.1):
+        for label, v in bases.items():
+            theta = torch.randn(dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+            noise_gen = torch.Generator().manual_seed(2)
+            stats, errors = RegressionStats.zeros(d), []
+            truth = v.T @ hess @ v
+            for _ in range(steps):
+                g = hess @ theta + noise * torch.randn(dim, dtype=torch.float64, generator=noise_gen)
+                stats.update(v.T @ theta, v.T @ g, beta)
+                theta = theta - 0.02 * g
+                fit = solve_symmetric_hessian(stats.cov_xx, stats.cov_yx, ridge)
+                errors.append(float(torch.linalg.matrix_norm(fit - truth) / torch.linalg.matrix_norm(truth)))
+            print(f"| {label} | {noise:g} | {errors[49]:.2f} | {errors[99]:.2f} | {errors[-1]:.2f} |", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--findable-workloads", nargs="+", default=["deep_linear", "mnist1d_mlp", "mnist1d_cnn",
+                                                                "digits_autoencoder"])
+    ap.add_argument("--at", type=int, default=200, help="step of the run at which the subspaces are compared")
+    ap.add_argument("--oracle-workload", default="deep_linear")
+    ap.add_argument("--lrs", nargs="+", type=float, default=[0.01, 0.0316, 0.1])
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--skip-findable", action="store_true")
+    ap.add_argument("--skip-oracle", action="store_true")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    t0 = time.time()
+    if not args.skip_findable:
+        print(f"Captured curvature of k = {K} dimensional subspaces at step {args.at} "
+              f"(1 = the true top-{K} |λ| eigenspace, 0 = none of its curvature)\n")
+        print("| workload (true top |λ|) | subspace | captured curvature | principal angles median / max |")
+        print("|---|---|---|---|")
+        for name in args.findable_workloads:
+            rows, top = findable(name, args.at)
+            for label, cap, med, mx in rows:
+                print(f"| {name} ({', '.join(f'{x:.3g}' for x in top)}, …) | {label} | {cap:.2f} | "
+                      f"{med:.0f}° / {mx:.0f}° |", flush=True)
+    regression_table()
+    if not args.skip_oracle:
+        oracle_table(args.oracle_workload, args.lrs, args.seeds, args.steps)
+    print(f"\n{time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""osfn_dist.checkpoint in one process (the FSDP2 case runs in tests/test_distributed_equivalence.py)."""
+import pytest
+import torch
+
+from osfn_dist import OSFN, DimensionMismatchError, checkpoint
+from osfn_dist.workloads import get_workload
+
+
+def _train(work, model, opt, first, last):
+    for step, x, y in work.batches(last, seed=0):
+        if step > first:
+            opt.zero_grad()
+            work.loss_fn(model(x), y).backward()
+            opt.step()
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_save_and_load_continue_the_run_bit_for_bit(tmp_path):
+    work = get_workload("tiny_mlp")
+    model = work.build_model()
+    opt = OSFN(model.parameters(), lr=3e-3, subspace_dim=4)
+    _train(work, model, opt, 0, 12)
+    checkpoint.save(tmp_path / "ckpt", model, opt)
+    _train(work, model, opt, 12, 24)
+    resumed = work.build_model()
+    with torch.no_grad():
+        for p in resumed.parameters():
+            p.add_(1.0)  # the checkpoint, not the seed, must decide the weights
+    resumed_opt = OSFN(resumed.parameters(), lr=3e-3, subspace_dim=4)
+    checkpoint.load(tmp_path / "ckpt", resumed, resumed_opt)
+    assert resumed_opt.diagnostics["step"] == 12
+    _train(work, resumed, resumed_opt, 12, 24)
+    assert torch.equal(_flat(resumed), _flat(model))
+
+
+def test_loading_into_another_subspace_size_is_a_typed_error(tmp_path):
+    work = get_workload("tiny_mlp")
+    model = work.build_model()
+    opt = OSFN(model.parameters(), lr=3e-3, subspace_dim=4)
+    _train(work, model, opt, 0, 3)
+    checkpoint.save(tmp_path / "ckpt", model, opt)
+    other = work.build_model()
+    with pytest.raises(DimensionMismatchError, match="subspace_dim"):
+        checkpoint.load(tmp_path / "ckpt", other, OSFN(other.parameters(), lr=3e-3, subspace_dim=6))
