@@ -14,6 +14,7 @@ Two parts, both against the real Hessian (osfn_dist.bench.ground_truth):
 
     python bench/ground_truth.py                          # ~2 min on 2 cores
     python bench/ground_truth.py --skip-quadratic --workload mnist1d_mlp --every 50
+    python bench/ground_truth.py --skip-quadratic --observe --png runs/bench/observe.png   # newton_lr = 0
 """
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ def network_trace(args):
     for label, rule in {"first rule": FIRST_RULE, "curvature rule": CURVATURE_RULE}.items():
         model = work.build_model()
         opt = OSFN(model.parameters(), lr=args.lr, weight_decay=0.01, **{**rule,
-                                                      "complement_in_subspace": args.pi})
+                                                      "complement_in_subspace": args.pi,
+                                                      **({"newton_lr": 0.0} if args.observe else {})})
         hvp, dim = model_hvp(model, work.loss_fn, *work.train)
         rows = []
         t0 = time.time()
@@ -119,7 +121,8 @@ def network_trace(args):
                 rows.append(row)
                 print(f"{label:15s} step {step:4d}  loss {row['loss']:.4f}  angles max/median "
                       f"{row['max_angle']:.0f}/{row['median_angle']:.0f}°  leak {row['leak']:.3f}  "
-                      f"top |λ| {abs(row['true_top'][0]):.3g}  model error {row['model_error']:.2f}  "
+                      f"top |λ| {abs(row['true_top'][0]):.3g}  largest fitted |λ| "
+                      f"{max((abs(v) for v in row['fitted']), default=float('nan')):.3g}  model error {row['model_error']:.2f}  "
                       f"fitted {_fmt(row['fitted'][:3])}  "
                       f"vᵀHv {_fmt(row['rayleigh'][:3])}  ({time.time() - t0:.0f} s)", flush=True)
         traces[label] = rows
@@ -173,6 +176,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workload", default="deep_linear")
     ap.add_argument("--lr", type=float, default=0.0316, help="the peer's tuned rate (bench/contribution.py)")
     ap.add_argument("--pi", type=float, default=1.0, help="complement_in_subspace")
+    ap.add_argument("--observe", action="store_true",
+                    help="newton_lr = 0: the curvature model is fitted and exported, parameters move as the base's")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--every", type=int, default=25)
     ap.add_argument("--png", default="bench-results/ground_truth.png")
@@ -183,7 +188,7 @@ def main(argv=None) -> int:
     if not args.skip_network:
         traces = network_trace(args)
         plot(traces, args.png, f"{args.workload}, AdamW complement (peer settings), lr {args.lr:g}, "
-                               f"π = {args.pi:g}: ground truth by Lanczos every {args.every} steps")
+                               f"π = {args.pi:g}{', observe-only' if args.observe else ''}: ground truth by Lanczos every {args.every} steps")
     return 0
 
 

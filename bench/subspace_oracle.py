@@ -14,7 +14,12 @@
    in V regressed on the position in V at OSFN's default forgetting: model error against
    VᵀHV for V = the true top-4 eigenvectors (an invariant subspace), a perturbed one, and a
    random one, without and with gradient noise.
-3. ``oracle``: does a better curvature model inside OSFN's V help? OSFN as it runs, against
+3. ``preconditioned``: what caps AdamW's rate? At step ``--at`` of the same AdamW run, the
+   sharpness lr·λmax of H and of the preconditioned Hessian P^(-1/2) H P^(-1/2) (P = Adam's
+   √v̂ + ε), Adam's stability edge 2(1 + β₁)/(1 − β₁) = 38, the principal angles between
+   the two top-k eigenspaces (the preconditioned one mapped back by P^(-1/2)), and the
+   preconditioned sharpness left once H's top-k eigenspace is projected out.
+4. ``oracle``: does a better curvature model inside OSFN's V help? OSFN as it runs, against
    the same OSFN whose fitted Hessian is replaced at every step by the exact one inside its
    own V (VᵀHV by d Hessian-vector products of the full-batch loss), for both subspace rules,
    π = 1 and 0, over a learning-rate grid; AdamW on the same grid.
@@ -198,6 +203,31 @@ def oracle_table(name: str, lrs: list[float], seeds: int, steps: int) -> None:
                     lambda lr, rule=rule, pi=pi: lambda ps: OSFN(ps, lr=lr, complement_in_subspace=pi, **rule), exact)
 
 
+def preconditioned_row(name: str, at: int) -> str:
+    work = get_workload(name)
+    lr = TUNED_ADAMW_LR[name]
+    model, opt, _, _ = _train(work, lambda ps: torch.optim.AdamW(ps, lr=lr), at)
+    beta1, beta2 = opt.param_groups[0]["betas"]
+    eps = opt.param_groups[0]["eps"]
+    params = list(model.parameters())
+    t = float(opt.state[params[0]]["step"])
+    precond = torch.cat([(opt.state[p]["exp_avg_sq"] / (1 - beta2**t)).sqrt().reshape(-1) + eps for p in params]).double()
+    scale = precond.rsqrt()
+    hvp, dim = _exact_hvp(model, work)
+    lam, top = lanczos_top(hvp, dim, K)
+    plam, ptop = lanczos_top(lambda v: scale * hvp(scale * v), dim, K)
+    ang = principal_angles_deg(scale[:, None] * ptop, top)
+    q, _ = torch.linalg.qr(top)
+
+    def without_top(v):
+        return v - q @ (q.T @ v)
+
+    rest, _ = lanczos_top(lambda v: scale * without_top(hvp(without_top(scale * v))), dim, 2)
+    edge = 2 * (1 + beta1) / (1 - beta1)
+    return (f"| {name} | {lr:g} | {lr * float(lam[0]):.3g} | {lr * float(plam[0]):.3g} (edge {edge:.0f}) | "
+            f"{float(ang.median()):.0f}° / {float(ang.max()):.0f}° | {lr * float(rest[0]):.3g} |")
+
+
 def regression_table(steps: int = 200, beta: float = 0.05, ridge: float = 1e-3) -> None:
     from osfn_dist.core.regression import RegressionStats, solve_symmetric_hessian
 
@@ -254,6 +284,13 @@ def main(argv=None) -> int:
                 print(f"| {name} ({', '.join(f'{x:.3g}' for x in top)}, …) | {label} | {cap:.2f} | "
                       f"{med:.0f}° / {mx:.0f}° |", flush=True)
     regression_table()
+    if not args.skip_findable:
+        print(f"\nWhat caps AdamW's rate: sharpness at step {args.at} of AdamW at its tuned rate\n")
+        print(f"| workload | lr | lr·λmax(H) | lr·λmax(P⁻¹H) | angles top-{K} of H vs of P⁻¹H, median / max | "
+              f"lr·λmax(P⁻¹H) with H's top-{K} projected out |")
+        print("|---|---|---|---|---|---|")
+        for name in args.findable_workloads:
+            print(preconditioned_row(name, args.at), flush=True)
     if not args.skip_oracle:
         oracle_table(args.oracle_workload, args.lrs, args.seeds, args.steps)
     print(f"\n{time.time() - t0:.0f} s")

@@ -309,3 +309,22 @@ def test_compiled_kernels_follow_the_eager_trajectory():
     train(b_model, fused, data)
     assert fused.diagnostics["subspace_step_norm"] > 0
     torch.testing.assert_close(flat(b_model), flat(a_model), rtol=1e-4, atol=1e-5)
+
+
+def test_newton_lr_zero_observes_only_the_base_moves_bit_for_bit_and_the_curvature_is_fitted():
+    from osfn_dist.workloads import get_workload
+
+    work = get_workload("tiny_mlp")
+    torch.manual_seed(0)
+    watched, alone = work.build_model(), work.build_model()
+    alone.load_state_dict(watched.state_dict())
+    opt = OSFN(base=torch.optim.AdamW(watched.parameters(), lr=3e-3), newton_lr=0.0)
+    ref = torch.optim.AdamW(alone.parameters(), lr=3e-3)
+    for _, x, y in work.batches(30, 0):
+        for model, o in ((watched, opt), (alone, ref)):
+            o.zero_grad()
+            work.loss_fn(model(x), y).backward()
+            o.step()
+    assert all(torch.equal(a, b) for a, b in zip(watched.parameters(), alone.parameters()))
+    eigenvalues = opt.diagnostics["eigenvalues"]
+    assert len(eigenvalues) == 8 and max(abs(v) for v in eigenvalues) > 0  # fitted and exported all the same
