@@ -18,12 +18,18 @@ def _flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def test_save_and_load_continue_the_run_bit_for_bit(tmp_path):
+def _saved(path, steps):
+    """A tiny_mlp run of ``steps`` steps, checkpointed to ``path``: (workload, model, opt)."""
     work = get_workload("tiny_mlp")
     model = work.build_model()
     opt = OSFN(model.parameters(), lr=3e-3, subspace_dim=4)
-    _train(work, model, opt, 0, 12)
-    checkpoint.save(tmp_path / "ckpt", model, opt)
+    _train(work, model, opt, 0, steps)
+    checkpoint.save(path, model, opt)
+    return work, model, opt
+
+
+def test_save_and_load_continue_the_run_bit_for_bit(tmp_path):
+    work, model, opt = _saved(tmp_path / "ckpt", 12)
     _train(work, model, opt, 12, 24)
     resumed = work.build_model()
     with torch.no_grad():
@@ -37,11 +43,7 @@ def test_save_and_load_continue_the_run_bit_for_bit(tmp_path):
 
 
 def test_loading_into_another_subspace_size_is_a_typed_error(tmp_path):
-    work = get_workload("tiny_mlp")
-    model = work.build_model()
-    opt = OSFN(model.parameters(), lr=3e-3, subspace_dim=4)
-    _train(work, model, opt, 0, 3)
-    checkpoint.save(tmp_path / "ckpt", model, opt)
+    work, _, _ = _saved(tmp_path / "ckpt", 3)
     other = work.build_model()
     with pytest.raises(DimensionMismatchError, match="subspace_dim"):
         checkpoint.load(tmp_path / "ckpt", other, OSFN(other.parameters(), lr=3e-3, subspace_dim=6))
