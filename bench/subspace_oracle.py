@@ -335,6 +335,7 @@ def main(argv=None) -> int:
     ap.add_argument("--true-subspace-workloads", nargs="*", default=[],
                     help="also run part 5 (one seed) on these, e.g. mnist1d_mlp (~4 min)")
     ap.add_argument("--true-k", type=int, default=K, help="subspace size for --true-subspace-workloads")
+    ap.add_argument("--true-seeds", type=int, default=1, help="seeds for --true-subspace-workloads")
     ap.add_argument("--skip-findable", action="store_true")
     ap.add_argument("--skip-oracle", action="store_true")
     args = ap.parse_args(argv)
@@ -362,7 +363,7 @@ def main(argv=None) -> int:
         oracle_table(args.oracle_workload, args.lrs, args.seeds, args.steps)
         true_subspace_table(args.oracle_workload, args.lrs, args.seeds, args.steps)
     for name in args.true_subspace_workloads:
-        true_subspace_table(name, args.lrs, 1, args.steps, k=args.true_k)
+        true_subspace_table(name, args.lrs, args.true_seeds, args.steps, k=args.true_k)
     print(f"\n{time.time() - t0:.0f} s")
     return 0
 
