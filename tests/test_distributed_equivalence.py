@@ -69,6 +69,17 @@ def _single_process(staleness: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ workers
+def _train_my_half(workload, net, opt, rank, world, first, last):
+    """Steps first+1 … last of the global batches, this rank training on its part of each."""
+    for step, x, y in workload.batches(last, 0, workload.batch_size):
+        if step <= first:
+            continue
+        xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+        opt.zero_grad(set_to_none=True)
+        workload.loss_fn(net(xs), ys).backward()
+        opt.step()
+
+
 class _FailingExchange:
     def exchange(self, report):
         raise RuntimeError("simulated curvature service outage")
@@ -120,11 +131,7 @@ def _ddp_phase(rank, world, steps=STEPS):
     model = workload.build_model()
     ddp = DistributedDataParallel(model)
     opt = OSFN(ddp.parameters(), exchange=LeaderExchange(_service_exchange(0) if rank == 0 else None), **HYPER)
-    for _, x, y in workload.batches(steps, 0, workload.batch_size):
-        xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
-        opt.zero_grad(set_to_none=True)
-        workload.loss_fn(ddp(xs), ys).backward()
-        opt.step()
+    _train_my_half(workload, ddp, opt, rank, world, 0, steps)
     return _flat(model)
 
 
@@ -149,11 +156,7 @@ def _noise_phase(rank, world, mode, steps=30):
         opt = OSFN(net.parameters(), exchange=LeaderExchange(inner), **hyper)
         if mode == "ddp_watch":
             opt.watch_ddp(net)
-    for _, x, y in workload.batches(steps, 0, workload.batch_size):
-        xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
-        opt.zero_grad(set_to_none=True)
-        workload.loss_fn(net(xs), ys).backward()
-        opt.step()
+    _train_my_half(workload, net, opt, rank, world, 0, steps)
     return _flat(model)
 
 
@@ -223,13 +226,7 @@ def _fsdp2_phase(rank, world, out_dir, steps=STEPS):
         return model, OSFN(model.parameters(), **HYPER)
 
     def train(model, opt, first, last):
-        for step, x, y in workload.batches(last, 0, workload.batch_size):
-            if step <= first:
-                continue
-            xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
-            opt.zero_grad(set_to_none=True)
-            workload.loss_fn(model(xs), ys).backward()
-            opt.step()
+        _train_my_half(workload, model, opt, rank, world, first, last)
 
     def full(model):
         return torch.cat([p.full_tensor().detach().reshape(-1) for p in model.parameters()])
