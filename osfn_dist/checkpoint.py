@@ -54,11 +54,10 @@ def load(checkpoint_id, model: torch.nn.Module, optimizer) -> None:
     is made first (as torch's own DCP helpers do: one step at lr 0 on zero gradients, which
     moves no parameter), then overwritten by the checkpoint."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     materialize_base_state(optimizer)
     state = {"model": model.state_dict(), "optim": _dcp_form(optimizer)}
-    from torch.distributed.checkpoint.api import CheckpointException
-
     try:
         dcp.load(state, checkpoint_id=checkpoint_id)
     except (CheckpointException, RuntimeError, ValueError, KeyError) as exc:  # CheckpointException is a BaseException

@@ -680,9 +680,10 @@ class OSFN(Optimizer):
         basis = worker["basis"]
         saved_layout = worker.get("basis_layout", {"kind": "replicated"})
         if saved_layout.get("kind") == "fsdp" or isinstance(self._layout, LocalShards):
+            # rows come per parameter (any world size through DCP), checked by shape there
             worker = self._load_fsdp_rows(worker, saved_layout)
-            basis, saved_layout = worker["basis"], self._layout.describe()
-        if basis is not None:
+            basis = worker["basis"]
+        elif basis is not None:
             self._layout.bind(sum(local(p).numel() for p in self._params()))
             if saved_layout != self._layout.describe():
                 raise DimensionMismatchError(
