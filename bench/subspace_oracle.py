@@ -35,6 +35,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -170,7 +171,7 @@ def final_loss(work, make_opt, steps: int, seed: int, exact_h: bool) -> float:
     model = work.build_model()
     opt = make_opt(model.parameters())
     oracle = ExactHessianInV(opt, _exact_hvp(model, work)[0]) if exact_h else None
-    with oracle if oracle is not None else _nothing():
+    with oracle if oracle is not None else contextlib.nullcontext():
         for _, x, y in work.batches(steps, seed=seed):
             opt.zero_grad()
             loss = work.loss_fn(model(x), y)
@@ -179,14 +180,6 @@ def final_loss(work, make_opt, steps: int, seed: int, exact_h: bool) -> float:
             if not torch.isfinite(loss):
                 return float("inf")
     return work.evaluate(model, "train")
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
 
 
 def true_subspace_loss(work, lr: float, preconditioned: bool, seed: int, steps: int,
