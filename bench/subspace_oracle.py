@@ -182,14 +182,28 @@ def final_loss(work, make_opt, steps: int, seed: int, exact_h: bool) -> float:
     return work.evaluate(model, "train")
 
 
+def _pca_eigenpairs(window: list[torch.Tensor], op, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k PCA of the window's vectors, then the exact operator inside it (k products),
+    rotated to its eigenbasis: a gradient-derived subspace with ground-truth curvature."""
+    q = _top_pca(window, k)
+    inside = q.T @ torch.stack([op(q[:, i]) for i in range(q.shape[1])], dim=1)
+    lam, u = torch.linalg.eigh(0.5 * (inside + inside.T))
+    return lam, q @ u
+
+
 def true_subspace_loss(work, lr: float, preconditioned: bool, seed: int, steps: int,
-                       every: int = 25, radius: float = 0.1, k: int = K) -> float:
+                       every: int = 25, radius: float = 0.1, k: int = K, subspace: str = "top",
+                       window: int = 64) -> float:
+    """``subspace``: "top" = the true top-k |λ| eigenspace (Lanczos); "gradients" /
+    "momentum" = PCA of the last ``window`` gradients / Adam first moments in the same
+    coordinates (z = P^½ θ when preconditioned), with the exact curvature inside it."""
     torch.manual_seed(seed)
     model = work.build_model()
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=lr)
     hvp, dim = _exact_hvp(model, work)
     q = lam = scale = None
+    recent: list[torch.Tensor] = []
     for step, x, y in work.batches(steps, seed=seed):
         opt.zero_grad()
         loss = work.loss_fn(model(x), y)
@@ -205,9 +219,15 @@ def true_subspace_loss(work, lr: float, preconditioned: bool, seed: int, steps: 
                                    + opt.param_groups[0]["eps"] for p in params]).double().rsqrt()
             else:
                 scale = torch.ones(dim, dtype=torch.float64)
-            lam, q = lanczos_top(lambda v: scale * hvp(scale * v), dim, k)
+            op = lambda v: scale * hvp(scale * v)  # noqa: E731
+            lam, q = lanczos_top(op, dim, k) if subspace == "top" else \
+                _pca_eigenpairs([scale * v for v in recent], op, k)
         before = _flat_params(model)
         opt.step()
+        if subspace != "top":  # the window (raw; mapped to z by the scale of each refresh)
+            vec = grad if subspace == "gradients" else torch.cat(
+                [opt.state[p]["exp_avg"].reshape(-1) for p in params]).double()
+            recent = (recent + [vec])[-window:]
         if q is not None:
             dz = (_flat_params(model) - before) / scale  # Adam's step in z coordinates
             dz = dz - q @ (q.T @ dz)  # removed inside the subspace
@@ -222,22 +242,31 @@ def true_subspace_loss(work, lr: float, preconditioned: bool, seed: int, steps: 
     return work.evaluate(model, "train")
 
 
-def true_subspace_table(name: str, lrs: list[float], seeds: int, steps: int, k: int = K) -> None:
+TRUE_ROWS = {  # --true-rows: (preconditioned, subspace) per row of part 5
+    "H": (False, "top"), "P": (True, "top"), "P-gradients": (True, "gradients"), "P-momentum": (True, "momentum")}
+
+
+def true_subspace_table(name: str, lrs: list[float], seeds: int, steps: int, k: int = K,
+                        rows: tuple[str, ...] = ("H", "P")) -> None:
     work = get_workload(name)
-    print(f"\n{name}: AdamW + exact Newton on the true top-{k} eigenspace (π = 0), final train loss after "
-          f"{steps} steps, mean of {seeds} seeds\n")
+    print(f"\n{name}: AdamW + exact Newton on a {k}-dimensional subspace (π = 0), final train loss after "
+          f"{steps} steps, mean of {seeds} seeds (per-seed values in brackets)\n")
     print("| optimizer | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |")
     print("|---|" + "---|" * len(lrs))
-    rows = {"AdamW": None, f"+ top-{k} of H": False, f"+ top-{k} of P^(-½) H P^(-½)": True}
-    for label, pre in rows.items():
+    labels = {"H": f"+ top-{k} of H", "P": f"+ top-{k} of P^(-½) H P^(-½)",
+              "P-gradients": f"+ PCA of the last 64 P^(-½) g, exact P^(-½) H P^(-½) in it",
+              "P-momentum": f"+ PCA of the last 64 P^(-½) m, exact P^(-½) H P^(-½) in it"}
+    for row in ("AdamW", *rows):
         cells = []
         for lr in lrs:
-            if pre is None:
+            if row == "AdamW":
                 make = lambda ps, lr=lr: torch.optim.AdamW(ps, lr=lr)  # noqa: E731
-                cells.append(statistics.mean(final_loss(work, make, steps, s, False) for s in range(seeds)))
+                vals = [final_loss(work, make, steps, s, False) for s in range(seeds)]
             else:
-                cells.append(statistics.mean(true_subspace_loss(work, lr, pre, s, steps, k=k) for s in range(seeds)))
-        print(f"| {label} | " + " | ".join(f"{c:.4g}" for c in cells) + " |", flush=True)
+                pre, subspace = TRUE_ROWS[row]
+                vals = [true_subspace_loss(work, lr, pre, s, steps, k=k, subspace=subspace) for s in range(seeds)]
+            cells.append(f"{statistics.mean(vals):.4g}" + (f" [{', '.join(f'{v:.3g}' for v in vals)}]" if seeds > 1 else ""))
+        print(f"| {labels.get(row, row)} | " + " | ".join(cells) + " |", flush=True)
 
 
 def oracle_table(name: str, lrs: list[float], seeds: int, steps: int) -> None:
@@ -329,6 +358,9 @@ def main(argv=None) -> int:
                     help="also run part 5 (one seed) on these, e.g. mnist1d_mlp (~4 min)")
     ap.add_argument("--true-k", type=int, default=K, help="subspace size for --true-subspace-workloads")
     ap.add_argument("--true-seeds", type=int, default=1, help="seeds for --true-subspace-workloads")
+    ap.add_argument("--true-rows", nargs="+", choices=sorted(TRUE_ROWS), default=["H", "P"],
+                    help="subspaces for --true-subspace-workloads (P-gradients / P-momentum: gradient-derived, "
+                         "in preconditioned coordinates)")
     ap.add_argument("--skip-findable", action="store_true")
     ap.add_argument("--skip-oracle", action="store_true")
     args = ap.parse_args(argv)
@@ -356,7 +388,7 @@ def main(argv=None) -> int:
         oracle_table(args.oracle_workload, args.lrs, args.seeds, args.steps)
         true_subspace_table(args.oracle_workload, args.lrs, args.seeds, args.steps)
     for name in args.true_subspace_workloads:
-        true_subspace_table(name, args.lrs, args.true_seeds, args.steps, k=args.true_k)
+        true_subspace_table(name, args.lrs, args.true_seeds, args.steps, k=args.true_k, rows=tuple(args.true_rows))
     print(f"\n{time.time() - t0:.0f} s")
     return 0
 

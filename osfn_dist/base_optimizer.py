@@ -135,3 +135,20 @@ def running_mean(base: Optimizer, state: dict, group: dict, steps: int) -> tuple
         return buf, 1.0
     ema = isinstance(base, torch.optim.Muon)
     return buf, (1.0 if ema else 1.0 - mu) / (1.0 - mu**t)
+
+
+def reads_second_moments(base: Optimizer) -> bool:
+    """Whether ``preconditioner_scale`` understands this base's state (torch's Adam, AdamW)."""
+    return isinstance(base, (torch.optim.Adam, torch.optim.AdamW))
+
+
+def preconditioner_scale(state: dict, group: dict) -> torch.Tensor | None:
+    """σ = (√v̂ + ε)^(-½) of one parameter, Adam's second moments bias-corrected by its own
+    step count, so that z = θ / σ are the coordinates in which Adam steps like momentum SGD;
+    None before its first step. Amsgrad's running maximum is used where present."""
+    v = state.get("max_exp_avg_sq") if group.get("amsgrad") else state.get("exp_avg_sq")
+    t = float(state.get("step", 0))
+    if v is None or t <= 0:
+        return None
+    correction = 1.0 - float(group["betas"][1]) ** t
+    return (v / correction).sqrt_().add_(float(group["eps"])).rsqrt_()

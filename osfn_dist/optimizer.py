@@ -9,7 +9,8 @@ from collections.abc import Mapping
 import torch
 from torch.optim import Optimizer
 
-from .base_optimizer import build_default_bases, check_params, reads_running_mean, running_mean
+from .base_optimizer import (build_default_bases, check_params, preconditioner_scale, reads_running_mean,
+                             reads_second_moments, running_mean)
 from .core.config import COMPLEMENT_FIELDS, OSFNConfig
 from .core.errors import ConfigError, DimensionMismatchError, NonFiniteGradientError
 from .core.subspace import as_basis_layout, new_basis
@@ -150,6 +151,14 @@ class OSFN(Optimizer):
             OSFNConfig.from_group(group)  # validate per-group overrides now, not at step 1
         self.config = OSFNConfig.from_group(self.param_groups[0])
         self._check_source()
+        self._preconditioned = self.config.coordinates == "preconditioned"
+        if self._preconditioned and not all(map(reads_second_moments, bases)):
+            names = sorted({type(b).__name__ for b in bases if not reads_second_moments(b)})
+            raise ConfigError(
+                f"coordinates='preconditioned' reads Adam's second moments, which {names} do not keep; "
+                "wrap torch.optim.Adam/AdamW or use coordinates='parameters'")
+        if self._preconditioned and shard_basis:
+            raise ConfigError("coordinates='preconditioned' needs the whole basis on each worker: drop shard_basis")
         # the Newton step follows group 0's lr relative to this (see the class docstring)
         self._reference_lr = float(self.param_groups[0]["lr"])
         self._owns_service = exchange is None
@@ -320,6 +329,10 @@ class OSFN(Optimizer):
                 f"subspace_dim cannot change during training (was {self.subspace_dim}, "
                 f"param_groups[0] now says {cfg.subspace_dim}); create a new optimizer"
             )
+        if cfg.coordinates != self.config.coordinates:
+            raise ConfigError(
+                f"coordinates cannot change during training (was {self.config.coordinates!r}, "
+                f"param_groups[0] now says {cfg.coordinates!r}); create a new optimizer")
         hyper = {k: getattr(cfg, k) for k in LIVE_HYPERPARAMETERS if hasattr(cfg, k)}
         ref = self._reference_lr
         hyper["step_scale"] = min(1.0, float(g0["lr"]) / ref) if ref > 0 else 1.0
@@ -362,6 +375,20 @@ class OSFN(Optimizer):
                 flat = grad.reshape(-1).to(dtype) - scale * flat
             parts.append(flat)
         return torch.cat(parts, out=out)
+
+    def _preconditioner(self, params, owners, dtype) -> torch.Tensor | None:
+        """σ (D,) with z = θ / σ the base's preconditioned coordinates (coordinates=
+        'preconditioned'), from its second moments before it steps; None until every moving
+        parameter has them (the first step), and for coordinates='parameters'."""
+        if not self._preconditioned:
+            return None
+        parts = []
+        for p, (base, group) in zip(params, owners):
+            scale = preconditioner_scale(base.state.get(p, {}), group)
+            if scale is None:
+                return None
+            parts.append(local(scale).reshape(-1).to(dtype))
+        return torch.cat(parts)
 
     def _displacement_is_source(self) -> bool:
         return self.param_groups[0]["subspace_source"] != "gradient" and not self._reads_mean
@@ -519,6 +546,12 @@ class OSFN(Optimizer):
         owners = self._owners()
         moves = [ok and float(group["lr"]) > 0 for ok, (_, group) in zip(has_grad, owners)]
         measure = not all(moves) or any(p.dtype in LOW_PRECISION for p in params)
+        # coordinates='preconditioned': everything the subspace sees is in z = θ / σ
+        # (gradients and sources × σ, positions and displacements ÷ σ, the move × σ)
+        sigma = self._preconditioner(params, owners, basis.dtype)
+        if self._preconditioned and sigma is None:  # Adam has no second moments yet
+            self._complement_only_step(params)
+            return
         with _phase("osfn.collect"):  # flatten, project g and the source in one pass over V
             pair = self._pair_buffer(basis)
             if grad is None:
@@ -530,13 +563,20 @@ class OSFN(Optimizer):
                 source = self._running_mean_source(params, owners, has_grad, basis.dtype,
                                                    out=None if pair is None else pair[1])
                 in_pair = source is not None and pair is not None
+            if sigma is not None:
+                grad.mul_(sigma)  # both are this step's own flat copies
+                if source is not None:
+                    source.mul_(sigma)
             before = _flat(params, basis.dtype)
+            drift = None if self._anchor is None else before - self._anchor
+            if drift is not None and sigma is not None:
+                drift.div_(sigma)
             # exact residual norms matter only while directions are being filled
             exact = self._last.get("alive_directions", 0) < self.subspace_dim
             report, coords, residual = build_report(
                 basis, grad, self._steps, self._basis_version, self._residual_step_dot, hyper, worker_coords,
                 source=source, prev_step_coords=self._prev_step_coords,
-                drift=None if self._anchor is None else before - self._anchor, layout=layout, exact_residual=exact,
+                drift=drift, layout=layout, exact_residual=exact,
                 settings={k: getattr(self.config, k) for k in FIXED_SETTINGS}, pair=pair if in_pair else None,
             )
         # exchange (before anything moves: a refused or lost update leaves θ and the base untouched)
@@ -547,28 +587,35 @@ class OSFN(Optimizer):
         keep = float(update.complement_keep)
         with _phase("osfn.base_step"):  # the base's own step, measured: p = θ_before − θ_after
             if keep < 1.0:  # the Newton step owns (1 − π) of the subspace: the base sees the rest
-                write_back(params, grad - layout.expand(basis, (1.0 - keep) * coords), has_grad)
+                rest = grad - layout.expand(basis, (1.0 - keep) * coords)
+                write_back(params, rest if sigma is None else rest.div_(sigma), has_grad)
             self._base_step()
             disp = _subtract_params_(before.clone() if measure else before, params)
+            disp_z = disp if sigma is None else disp / sigma
         with _phase("osfn.newton_move"):  # Vᵀp, then V·coef and the residual in one pass
             move, step_coords, residual = newton_move(
-                basis, disp, residual, update.step_coef, keep, layout,
+                basis, disp_z, residual, update.step_coef, keep, layout,
                 source=grad if source is None else source,
                 source_coords=coords if report.source_coords is None else report.source_coords.to(basis.device, basis.dtype),
                 compiled=self.param_groups[0]["kernels"] == "compiled",
             )
             if from_displacement:
                 self._prev_disp = disp if not measure else disp.clone()
+            move_z = None if sigma is None else move.clone()
+            if sigma is not None:
+                move.mul_(sigma)
             if measure:
                 _zero_frozen_(move, params, moves)
             scatter_add(params, move, moves)
             if measure:  # what actually happened: frozen rows and low-precision rounding included
                 applied = _subtract_params_(before, params).neg_()
-                step_coords = layout.project(basis, applied)
+                step_coords = layout.project(basis, applied if sigma is None else applied / sigma)
             else:
                 applied = move.sub_(disp)
+            if sigma is not None:  # the step in z, which the residual's dot product needs
+                applied_z = applied / sigma if measure else move_z.sub_(disp_z)
             self._prev_step_coords = step_coords
-            self._residual_step_dot = layout.dot(residual, layout.rows(applied))
+            self._residual_step_dot = layout.dot(residual, layout.rows(applied if sigma is None else applied_z))
         with _phase("osfn.basis_update"):  # V ← V A + r cᵀ, re-orthonormalised on a cadence
             self._basis = update_basis(basis, residual, update, layout)
         self._basis_version = update.new_version

@@ -286,6 +286,7 @@ INVALID = {
     "noise_damping": "yes",
     "nonfinite": "ignore",
     "kernels": "triton",
+    "coordinates": "natural",
 }
 
 

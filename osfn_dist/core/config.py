@@ -19,6 +19,7 @@ SUBSPACE_SOURCES = ("gradient", "momentum", "innovation")
 EIGEN_METHODS = ("qr", "eigh")
 NONFINITE_POLICIES = ("skip", "raise")
 KERNELS = ("eager", "compiled")
+COORDINATES = ("parameters", "preconditioned")
 # the fields that configure the default base optimizer (and nothing else)
 COMPLEMENT_FIELDS = ("lr", "complement", "momentum", "betas", "eps", "weight_decay", "aux_lr")
 
@@ -61,6 +62,11 @@ class OSFNConfig:
     # "compiled": fused torch.compile kernels for D-sized passes over V (core.kernels; compiles
     # once per model size, worth it on large models); "eager": plain torch ops
     kernels: str = "eager"
+    # "preconditioned": the subspace, its regression and the Newton step live in the base's
+    # preconditioned coordinates z = P^½ θ (P = √v̂ + ε from an Adam/AdamW base's second
+    # moments), where that base is plain momentum SGD and its stability is set by
+    # P^(-½) H P^(-½); trust_radius and eig_floor are then in z units. Experimental.
+    coordinates: str = "parameters"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -143,6 +149,7 @@ class OSFNConfig:
         need("noise_damping", isinstance(self.noise_damping, bool), "True or False")
         need("nonfinite", self.nonfinite in NONFINITE_POLICIES, f"one of {NONFINITE_POLICIES}")
         need("kernels", self.kernels in KERNELS, f"one of {KERNELS}")
+        need("coordinates", self.coordinates in COORDINATES, f"one of {COORDINATES}")
 
 
 # Settings for small, low-noise, low-dimensional problems like the seed paper's test functions
