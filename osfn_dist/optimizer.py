@@ -14,7 +14,7 @@ from .base_optimizer import (build_default_bases, check_params, preconditioner_s
 from .core.config import COMPLEMENT_FIELDS, OSFNConfig
 from .core.errors import ConfigError, DimensionMismatchError, NonFiniteGradientError
 from .core.subspace import as_basis_layout, new_basis
-from .dataflow.apply import check_version, newton_move, scatter_add, update_basis
+from .dataflow.apply import check_version, move_and_update, newton_move, scatter_add, update_basis
 from .dataflow.collect import build_report, flat_gradient, write_back
 from .dataflow.exchange import Exchange, InProcessExchange
 from .dataflow.messages import FIXED_SETTINGS, LIVE_HYPERPARAMETERS
@@ -592,16 +592,21 @@ class OSFN(Optimizer):
             self._base_step()
             disp = _subtract_params_(before.clone() if measure else before, params)
             disp_z = disp if sigma is None else disp / sigma
-        with _phase("osfn.newton_move"):  # Vᵀp, then V·coef and the residual in one pass
-            move, step_coords, residual = newton_move(
-                basis, disp_z, residual, update.step_coef, keep, layout,
-                source=grad if source is None else source,
-                source_coords=coords if report.source_coords is None else report.source_coords.to(basis.device, basis.dtype),
-                compiled=self.param_groups[0]["kernels"] == "compiled",
-            )
+        with _phase("osfn.newton_move"):
+            source = grad if source is None else source
+            source_coords = coords if report.source_coords is None else report.source_coords.to(basis.device, basis.dtype)
+            compiled = self.param_groups[0]["kernels"] == "compiled"
+            fused = residual is None and keep == 1.0 and not measure and not compiled
+            if fused:  # the move, Vᵀp, rᵀΔθ and V ← V A + r cᵀ in one read and one write of V
+                move, step_coords, self._residual_step_dot, self._basis = move_and_update(
+                    basis, disp_z, update.step_coef, update, source, source_coords)
+            else:  # Vᵀp, then V·coef and the residual in one pass
+                move, step_coords, residual = newton_move(
+                    basis, disp_z, residual, update.step_coef, keep, layout,
+                    source=source, source_coords=source_coords, compiled=compiled)
             if from_displacement:
                 self._prev_disp = disp if not measure else disp.clone()
-            move_z = None if sigma is None else move.clone()
+            move_z = None if sigma is None or fused else move.clone()
             if sigma is not None:
                 move.mul_(sigma)
             if measure:
@@ -612,12 +617,14 @@ class OSFN(Optimizer):
                 step_coords = layout.project(basis, applied if sigma is None else applied / sigma)
             else:
                 applied = move.sub_(disp)
-            if sigma is not None:  # the step in z, which the residual's dot product needs
-                applied_z = applied / sigma if measure else move_z.sub_(disp_z)
             self._prev_step_coords = step_coords
-            self._residual_step_dot = layout.dot(residual, layout.rows(applied if sigma is None else applied_z))
-        with _phase("osfn.basis_update"):  # V ← V A + r cᵀ, re-orthonormalised on a cadence
-            self._basis = update_basis(basis, residual, update, layout)
+            if not fused:
+                if sigma is not None:  # the step in z, which the residual's dot product needs
+                    applied_z = applied / sigma if measure else move_z.sub_(disp_z)
+                self._residual_step_dot = layout.dot(residual, layout.rows(applied if sigma is None else applied_z))
+        if not fused:
+            with _phase("osfn.basis_update"):  # V ← V A + r cᵀ, re-orthonormalised on a cadence
+                self._basis = update_basis(basis, residual, update, layout)
         self._basis_version = update.new_version
         self._last = {
             **update.diagnostics,

@@ -173,3 +173,33 @@ def test_in_place_basis_products_match_plain_ones_across_slices():
     exact = basis.double().T @ pair.double().T  # float32 sums of 600k terms: compare relative
     torch.testing.assert_close(a.double(), exact[:, 0], rtol=1e-4, atol=0)
     torch.testing.assert_close(b.double(), exact[:, 1], rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("rotate,rank1,reorth", [(True, True, False), (False, True, False), (False, False, False),
+                                                 (True, True, True)])
+def test_fused_move_and_update_equals_the_composition(rotate, rank1, reorth):
+    """The one-pass apply hop (slices of V in cache; several slices and a short last one at
+    this size) gives what Vᵀp, newton_move and update_basis give in turn."""
+    from osfn_dist.dataflow.apply import move_and_update, newton_move, update_basis
+    from osfn_dist.dataflow.messages import DirectionUpdate
+
+    gen = torch.Generator().manual_seed(3)
+    rows, d = 100_003, 8
+    basis = new_basis(rows, d, dtype=D64)
+    basis.copy_(torch.linalg.qr(torch.randn(rows, d, generator=gen, dtype=D64))[0])
+    u, p = torch.randn(rows, generator=gen, dtype=D64), torch.randn(rows, generator=gen, dtype=D64) * 1e-2
+    a, s = basis.T @ u, torch.randn(d, generator=gen, dtype=D64) * 1e-2
+    update = DirectionUpdate(step=1, base_version=0, new_version=1, step_coef=s,
+                             rotation=torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=D64))[0] if rotate else None,
+                             residual_coef=torch.randn(d, generator=gen, dtype=D64) * 1e-3 if rank1 else None,
+                             complement_keep=1.0, reorthonormalize=reorth)
+    ref_basis = basis.clone()
+    move_ref, coords_ref, residual = newton_move(ref_basis, p, None, s, 1.0, source=u, source_coords=a)
+    dot_ref = float(residual @ (move_ref - p))
+    ref_basis = update_basis(ref_basis, residual, update)
+    move, coords, dot, new = move_and_update(basis, p, s, update, u, a)
+    torch.testing.assert_close(move, move_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(coords, coords_ref, rtol=1e-10, atol=1e-12)
+    assert dot == pytest.approx(dot_ref, rel=1e-9)
+    torch.testing.assert_close(new, ref_basis, rtol=1e-10, atol=1e-12)
+    assert new.T.is_contiguous()

@@ -60,6 +60,59 @@ def project_pair(basis: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor,
     return both[:, 0], both[:, 1]
 
 
+def _chunk_columns(d: int, total: int, itemsize: int, budget: int = 1 << 20) -> int:
+    """Columns of V's (d, D) transpose per slice so that a slice (d·n floats) stays in a
+    core's L2 cache (1 MiB: half of this machine's 2 MiB) while several products use it."""
+    return max(1024, min(total, budget // max(d * itemsize, 1)))
+
+
+def move_and_update_(
+    basis: torch.Tensor, coef: torch.Tensor, a: torch.Tensor, u: torch.Tensor, p: torch.Tensor,
+    rotation: torch.Tensor | None, c: torch.Tensor | None, move: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The apply hop's D-sized work in one read and one write of V (replicated basis):
+    slice by slice, while the slice is in cache,
+
+        q += V_sᵀ p_s;  move_s = V_s coef;  r_s = u_s − V_s a;  dot += r_sᵀ (move_s − p_s)
+        V_s ← V_s A + r_s cᵀ                     (only if A or c is given)
+
+    Returns (move = V coef (D,), q = Vᵀp with the V before the update (d,), rᵀ(move − p));
+    r itself is never stored. The composition this fuses — Vᵀp, then V·coef and
+    r = u − V a, then ``apply_basis_update`` — reads V three to five times."""
+    vt = basis.T  # (d, D), contiguous
+    d, total = vt.shape
+    dtype, dev = vt.dtype, vt.device
+    move = torch.empty(total, dtype=dtype, device=dev) if move is None else move
+    q = torch.zeros(d, dtype=dtype, device=dev)
+    dot = torch.zeros((), dtype=dtype, device=dev)
+    if d == 0 or total == 0:
+        return move.zero_(), q, dot
+    both = torch.stack([coef, a]).to(device=dev, dtype=dtype)  # (2, d)
+    m_t = None if rotation is None else rotation.to(device=dev, dtype=dtype).T.contiguous()
+    c_col = None if c is None else c.to(device=dev, dtype=dtype).unsqueeze(1)
+    chunk = _chunk_columns(d, total, vt.element_size())
+    two = torch.empty(2, chunk, dtype=dtype, device=dev)
+    scratch = torch.empty(d, chunk, dtype=dtype, device=dev) if m_t is not None else None
+    for start in range(0, total, chunk):
+        block = vt[:, start : start + chunk]
+        n = block.shape[1]
+        p_s, u_s = p[start : start + n].to(dtype), u[start : start + n].to(dtype)
+        q.addmv_(block, p_s)
+        out = two[:, :n]
+        torch.mm(both, block, out=out)
+        move[start : start + n].copy_(out[0])
+        r_s = out[1].neg_().add_(u_s)
+        dot += r_s @ (out[0].sub_(p_s))
+        if m_t is not None:
+            torch.mm(m_t, block, out=scratch[:, :n])
+            if c_col is not None:
+                scratch[:, :n].addmm_(c_col, r_s.unsqueeze(0))
+            block.copy_(scratch[:, :n])
+        elif c_col is not None:
+            block.addmm_(c_col, r_s.unsqueeze(0))
+    return move, q, dot
+
+
 def apply_basis_update(
     basis: torch.Tensor,
     residual: torch.Tensor,

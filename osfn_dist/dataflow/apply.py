@@ -6,7 +6,7 @@ import torch
 
 from ..core import kernels
 from ..core.errors import VersionMismatchError
-from ..core.subspace import apply_basis_update, cholesky_qr2
+from ..core.subspace import apply_basis_update, cholesky_qr2, move_and_update_
 from .messages import DirectionUpdate
 from .shard import REPLICATED, param_slices
 
@@ -47,11 +47,30 @@ def newton_move(
     return move, s - complement_keep * q, residual
 
 
+def move_and_update(
+    basis: torch.Tensor, disp: torch.Tensor, step_coef: torch.Tensor, update: DirectionUpdate,
+    source: torch.Tensor, source_coords: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+    """``newton_move`` and ``update_basis`` in one read and one write of V, for a replicated
+    basis whose residual was left to this hop and π = 1 (the base keeps its whole step, so
+    the move V s needs no Vᵀp first). Returns (the move V s, VᵀΔθ = s − Vᵀp, rᵀΔθ for the
+    step Δθ = move − p, the updated basis)."""
+    dev, dtype = basis.device, basis.dtype
+    s = step_coef.to(device=dev, dtype=dtype)
+    rotation = update.rotation.to(dev) if update.rotation is not None else None
+    coef = update.residual_coef.to(dev) if update.residual_coef is not None else None
+    move, q, dot = move_and_update_(basis, s, source_coords.to(dev, dtype), source, disp, rotation, coef)
+    return move, s - q, float(dot), _reorthonormalize(basis, update, REPLICATED)
+
+
 def update_basis(basis: torch.Tensor, residual: torch.Tensor, update: DirectionUpdate, layout=REPLICATED) -> torch.Tensor:
     dev = basis.device
     rotation = update.rotation.to(dev) if update.rotation is not None else None
     coef = update.residual_coef.to(dev) if update.residual_coef is not None else None
-    basis = apply_basis_update(basis, residual, rotation, coef)
+    return _reorthonormalize(apply_basis_update(basis, residual, rotation, coef), update, layout)
+
+
+def _reorthonormalize(basis: torch.Tensor, update: DirectionUpdate, layout) -> torch.Tensor:
     if update.reorthonormalize:
         # rows spread over workers (sharded): column norms and Gram matrix are all-reduced
         basis = cholesky_qr2(basis, layout.column_norms(basis) > 0.5, allreduce=layout.allreduce, qr=layout.tsqr)
