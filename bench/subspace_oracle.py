@@ -72,8 +72,9 @@ def _top_pca(rows: list[torch.Tensor], k: int) -> torch.Tensor:
     return vh[:k].T
 
 
-def _exact_hvp(model, work):
-    hvp, dim = model_hvp(model, work.loss_fn, *work.train)
+def _exact_hvp(model, work, batch=None):
+    """HVPs of the full-batch training loss (or of ``batch`` = (inputs, targets))."""
+    hvp, dim = model_hvp(model, work.loss_fn, *(work.train if batch is None else batch))
 
     def math_attention_hvp(vec):  # CPU flash attention has no double backward
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -193,8 +194,11 @@ def _pca_eigenpairs(window: list[torch.Tensor], op, k: int) -> tuple[torch.Tenso
 
 def true_subspace_loss(work, lr: float, preconditioned: bool, seed: int, steps: int,
                        every: int = 25, radius: float = 0.1, k: int = K, subspace: str = "top",
-                       window: int = 64) -> float:
-    """``subspace``: "top" = the true top-k |λ| eigenspace (Lanczos); "gradients" /
+                       window: int = 64, iters: int | None = None, hvp_batch: int = 1024) -> float:
+    """``subspace``: "top" = the true top-k |λ| eigenspace (Lanczos on the full-batch loss);
+    "minibatch" = Lanczos (``iters`` steps, default 3k + 20) on the current minibatch's loss
+    only, its eigenvalues used as they are (a practical, HVP-based version); "subset" = the
+    same on a random ``hvp_batch`` examples of the training set; "gradients" /
     "momentum" = PCA of the last ``window`` gradients / Adam first moments in the same
     coordinates (z = P^½ θ when preconditioned), with the exact curvature inside it."""
     torch.manual_seed(seed)
@@ -220,11 +224,21 @@ def true_subspace_loss(work, lr: float, preconditioned: bool, seed: int, steps: 
             else:
                 scale = torch.ones(dim, dtype=torch.float64)
             op = lambda v: scale * hvp(scale * v)  # noqa: E731
-            lam, q = lanczos_top(op, dim, k) if subspace == "top" else \
-                _pca_eigenpairs([scale * v for v in recent], op, k)
+            if subspace in ("minibatch", "subset"):
+                if subspace == "subset":  # a fresh random subset of the training set per refresh
+                    pick = torch.randperm(work.train[0].shape[0], generator=torch.Generator().manual_seed(step))[:hvp_batch]
+                    batch = (work.train[0][pick], work.train[1][pick])
+                else:
+                    batch = (x, y)
+                mb_hvp = _exact_hvp(model, work, batch)[0]
+                lam, q = lanczos_top(lambda v: scale * mb_hvp(scale * v), dim, k, iters=iters)
+            elif subspace == "top":
+                lam, q = lanczos_top(op, dim, k)
+            else:
+                lam, q = _pca_eigenpairs([scale * v for v in recent], op, k)
         before = _flat_params(model)
         opt.step()
-        if subspace != "top":  # the window (raw; mapped to z by the scale of each refresh)
+        if subspace in ("gradients", "momentum"):  # the window (raw; mapped to z by the scale of each refresh)
             vec = grad if subspace == "gradients" else torch.cat(
                 [opt.state[p]["exp_avg"].reshape(-1) for p in params]).double()
             recent = (recent + [vec])[-window:]
@@ -243,11 +257,12 @@ def true_subspace_loss(work, lr: float, preconditioned: bool, seed: int, steps: 
 
 
 TRUE_ROWS = {  # --true-rows: (preconditioned, subspace) per row of part 5
-    "H": (False, "top"), "P": (True, "top"), "P-gradients": (True, "gradients"), "P-momentum": (True, "momentum")}
+    "H": (False, "top"), "P": (True, "top"), "P-gradients": (True, "gradients"), "P-momentum": (True, "momentum"),
+    "P-minibatch": (True, "minibatch"), "P-minibatch-short": (True, "minibatch"), "P-subset": (True, "subset")}
 
 
 def true_subspace_table(name: str, lrs: list[float], seeds: int, steps: int, k: int = K,
-                        rows: tuple[str, ...] = ("H", "P")) -> None:
+                        rows: tuple[str, ...] = ("H", "P"), every: int = 25, hvp_batch: int = 1024) -> None:
     work = get_workload(name)
     print(f"\n{name}: AdamW + exact Newton on a {k}-dimensional subspace (π = 0), final train loss after "
           f"{steps} steps, mean of {seeds} seeds (per-seed values in brackets)\n")
@@ -255,7 +270,10 @@ def true_subspace_table(name: str, lrs: list[float], seeds: int, steps: int, k: 
     print("|---|" + "---|" * len(lrs))
     labels = {"H": f"+ top-{k} of H", "P": f"+ top-{k} of P^(-½) H P^(-½)",
               "P-gradients": f"+ PCA of the last 64 P^(-½) g, exact P^(-½) H P^(-½) in it",
-              "P-momentum": f"+ PCA of the last 64 P^(-½) m, exact P^(-½) H P^(-½) in it"}
+              "P-momentum": f"+ PCA of the last 64 P^(-½) m, exact P^(-½) H P^(-½) in it",
+              "P-minibatch": f"+ top-{k} of the minibatch's P^(-½) H P^(-½) ({3 * k + 20} HVPs / {every} steps)",
+              "P-minibatch-short": f"+ the same by {k + 8} Lanczos steps ({k + 8} HVPs / {every} steps)",
+              "P-subset": f"+ top-{k} of P^(-½) H P^(-½) on {hvp_batch} random training examples ({3 * k + 20} HVPs / {every} steps)"}
     for row in ("AdamW", *rows):
         cells = []
         for lr in lrs:
@@ -264,7 +282,9 @@ def true_subspace_table(name: str, lrs: list[float], seeds: int, steps: int, k: 
                 vals = [final_loss(work, make, steps, s, False) for s in range(seeds)]
             else:
                 pre, subspace = TRUE_ROWS[row]
-                vals = [true_subspace_loss(work, lr, pre, s, steps, k=k, subspace=subspace) for s in range(seeds)]
+                vals = [true_subspace_loss(work, lr, pre, s, steps, k=k, subspace=subspace, every=every,
+                                           iters=k + 8 if row == "P-minibatch-short" else None, hvp_batch=hvp_batch)
+                        for s in range(seeds)]
             cells.append(f"{statistics.mean(vals):.4g}" + (f" [{', '.join(f'{v:.3g}' for v in vals)}]" if seeds > 1 else ""))
         print(f"| {labels.get(row, row)} | " + " | ".join(cells) + " |", flush=True)
 
@@ -361,6 +381,8 @@ def main(argv=None) -> int:
     ap.add_argument("--true-rows", nargs="+", choices=sorted(TRUE_ROWS), default=["H", "P"],
                     help="subspaces for --true-subspace-workloads (P-gradients / P-momentum: gradient-derived, "
                          "in preconditioned coordinates)")
+    ap.add_argument("--true-every", type=int, default=25, help="steps between subspace refreshes in part 5")
+    ap.add_argument("--hvp-batch", type=int, default=1024, help="examples per refresh for --true-rows P-subset")
     ap.add_argument("--skip-findable", action="store_true")
     ap.add_argument("--skip-oracle", action="store_true")
     args = ap.parse_args(argv)
@@ -388,7 +410,8 @@ def main(argv=None) -> int:
         oracle_table(args.oracle_workload, args.lrs, args.seeds, args.steps)
         true_subspace_table(args.oracle_workload, args.lrs, args.seeds, args.steps)
     for name in args.true_subspace_workloads:
-        true_subspace_table(name, args.lrs, args.true_seeds, args.steps, k=args.true_k, rows=tuple(args.true_rows))
+        true_subspace_table(name, args.lrs, args.true_seeds, args.steps, k=args.true_k, rows=tuple(args.true_rows),
+                            every=args.true_every, hvp_batch=args.hvp_batch)
     print(f"\n{time.time() - t0:.0f} s")
     return 0
 

@@ -13,7 +13,7 @@ from .base_optimizer import (build_default_bases, check_params, preconditioner_s
                              reads_second_moments, running_mean)
 from .core.config import COMPLEMENT_FIELDS, OSFNConfig
 from .core.errors import ConfigError, DimensionMismatchError, NonFiniteGradientError
-from .core.subspace import as_basis_layout, new_basis
+from .core.subspace import as_basis_layout, new_basis, right_multiply_
 from .dataflow.apply import check_version, move_and_update, newton_move, scatter_add, update_basis
 from .dataflow.collect import build_report, flat_gradient, write_back
 from .dataflow.exchange import Exchange, InProcessExchange
@@ -178,6 +178,8 @@ class OSFN(Optimizer):
         else:
             self._layout = ShardedBasis(gradient_sync.group) if shard_basis else REPLICATED
         self._basis: torch.Tensor | None = None
+        # a rotation R (d, d) not yet applied to the stored basis: the basis is V R (see _fold)
+        self._pending: torch.Tensor | None = None
         self._basis_version = 0
         self._residual_step_dot = 0.0
         self._prev_step_coords: torch.Tensor | None = None
@@ -307,6 +309,14 @@ class OSFN(Optimizer):
 
     def _basis_dtype(self, params) -> torch.dtype:
         return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+    def _fold(self) -> None:
+        """Apply the pending rotation to the stored basis (V ← V R, one pass over V). Until
+        then, every-step rotations are composed in d × d (``_lazy_step``)."""
+        if self._pending is not None:
+            if self._basis is not None:
+                right_multiply_(self._basis, self._pending)
+            self._pending = None
 
     def _ensure_basis(self, params) -> torch.Tensor:
         total = sum(local(p).numel() for p in params)
@@ -468,7 +478,7 @@ class OSFN(Optimizer):
             raise ConfigError("watch_ddp is for DDP; OSFN's own gradient_sync already gathers the projections")
         params = self._params()
         rows = {id(p): r for p, (_, r) in zip(params, param_slices(params))}
-        self._ddp_projections = DDPProjections(ddp_model, lambda p: rows[id(p)], lambda: self._basis)
+        self._ddp_projections = DDPProjections(ddp_model, lambda p: rows[id(p)], lambda: self.basis)
         return self
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -546,6 +556,16 @@ class OSFN(Optimizer):
         owners = self._owners()
         moves = [ok and float(group["lr"]) > 0 for ok, (_, group) in zip(has_grad, owners)]
         measure = not all(moves) or any(p.dtype in LOW_PRECISION for p in params)
+        # exact residual norms matter only while directions are being filled
+        exact = self._last.get("alive_directions", 0) < self.subspace_dim
+        # lazy: this step's rotation is composed into the pending d × d R instead of V (the
+        # basis is V R); only on the one-pass path (replicated, π = 1, full directions) and
+        # where nothing else reads V between steps (no gradient_sync, no DDP hook)
+        compiled = self.param_groups[0]["kernels"] == "compiled"
+        lazy = (not exact and not measure and not compiled and not layout.sharded and self.gradient_sync is None
+                and self._ddp_projections is None and float(hyper["complement_in_subspace"]) == 1.0)
+        if not lazy:
+            self._fold()
         # coordinates='preconditioned': everything the subspace sees is in z = θ / σ
         # (gradients and sources × σ, positions and displacements ÷ σ, the move × σ)
         sigma = self._preconditioner(params, owners, basis.dtype)
@@ -571,13 +591,12 @@ class OSFN(Optimizer):
             drift = None if self._anchor is None else before - self._anchor
             if drift is not None and sigma is not None:
                 drift.div_(sigma)
-            # exact residual norms matter only while directions are being filled
-            exact = self._last.get("alive_directions", 0) < self.subspace_dim
             report, coords, residual = build_report(
                 basis, grad, self._steps, self._basis_version, self._residual_step_dot, hyper, worker_coords,
                 source=source, prev_step_coords=self._prev_step_coords,
                 drift=drift, layout=layout, exact_residual=exact,
                 settings={k: getattr(self.config, k) for k in FIXED_SETTINGS}, pair=pair if in_pair else None,
+                coords_map=self._pending,
             )
         # exchange (before anything moves: a refused or lost update leaves θ and the base untouched)
         with _phase("osfn.exchange"):
@@ -595,11 +614,13 @@ class OSFN(Optimizer):
         with _phase("osfn.newton_move"):
             source = grad if source is None else source
             source_coords = coords if report.source_coords is None else report.source_coords.to(basis.device, basis.dtype)
-            compiled = self.param_groups[0]["kernels"] == "compiled"
             fused = residual is None and keep == 1.0 and not measure and not compiled
+            if not fused:
+                self._fold()
             if fused:  # the move, Vᵀp, rᵀΔθ and V ← V A + r cᵀ in one read and one write of V
-                move, step_coords, self._residual_step_dot, self._basis = move_and_update(
-                    basis, disp_z, update.step_coef, update, source, source_coords)
+                move, step_coords, self._residual_step_dot, self._basis, pending = move_and_update(
+                    basis, disp_z, update.step_coef, update, source, source_coords, pending=self._pending, lazy=lazy)
+                self._pending = pending
             else:  # Vᵀp, then V·coef and the residual in one pass
                 move, step_coords, residual = newton_move(
                     basis, disp_z, residual, update.step_coef, keep, layout,
@@ -656,11 +677,13 @@ class OSFN(Optimizer):
 
     @property
     def basis(self) -> torch.Tensor | None:
+        self._fold()
         return self._basis
 
     # ------------------------------------------------------- persistence
     def state_dict(self):
         """``{"bases": [each base's own state_dict], "osfn": the subspace's state}``."""
+        self._fold()
         sd = {"bases": [b.state_dict() for b in self._bases]}
         worker = {
             "version": WORKER_STATE_VERSION,
@@ -749,7 +772,7 @@ class OSFN(Optimizer):
             basis = as_basis_layout(basis.clone().to(device))
             self._basis = None
             self._ensure_basis(self._params())  # shape check against the current model
-        self._basis = basis
+        self._basis, self._pending = basis, None
         self._basis_version = worker["basis_version"]
         self._residual_step_dot = worker["residual_step_dot"]
         prev = worker.get("prev_step_coords")

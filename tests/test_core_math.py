@@ -175,31 +175,44 @@ def test_in_place_basis_products_match_plain_ones_across_slices():
     torch.testing.assert_close(b.double(), exact[:, 1], rtol=1e-4, atol=0)
 
 
+def _random_update(gen, d, step, rotate, rank1, reorth):
+    from osfn_dist.dataflow.messages import DirectionUpdate
+
+    rotation = torch.eye(d, dtype=D64) + 0.1 * torch.randn(d, d, generator=gen, dtype=D64) if rotate else None
+    return DirectionUpdate(step=step, base_version=step - 1, new_version=step,
+                           step_coef=torch.randn(d, generator=gen, dtype=D64) * 1e-2, rotation=rotation,
+                           residual_coef=torch.randn(d, generator=gen, dtype=D64) * 1e-3 if rank1 else None,
+                           complement_keep=1.0, reorthonormalize=reorth)
+
+
 @pytest.mark.parametrize("rotate,rank1,reorth", [(True, True, False), (False, True, False), (False, False, False),
                                                  (True, True, True)])
-def test_fused_move_and_update_equals_the_composition(rotate, rank1, reorth):
+@pytest.mark.parametrize("lazy", [False, True])
+def test_fused_move_and_update_equals_the_composition(rotate, rank1, reorth, lazy):
     """The one-pass apply hop (slices of V in cache; several slices and a short last one at
-    this size) gives what Vᵀp, newton_move and update_basis give in turn."""
+    this size) gives what Vᵀp, newton_move and update_basis give in turn — over four steps,
+    also when the rotations are only composed in d × d (lazy) and V R is the basis: the
+    moves, the subspace coordinates of the step, rᵀΔθ and V R all agree."""
     from osfn_dist.dataflow.apply import move_and_update, newton_move, update_basis
-    from osfn_dist.dataflow.messages import DirectionUpdate
 
     gen = torch.Generator().manual_seed(3)
     rows, d = 100_003, 8
     basis = new_basis(rows, d, dtype=D64)
     basis.copy_(torch.linalg.qr(torch.randn(rows, d, generator=gen, dtype=D64))[0])
-    u, p = torch.randn(rows, generator=gen, dtype=D64), torch.randn(rows, generator=gen, dtype=D64) * 1e-2
-    a, s = basis.T @ u, torch.randn(d, generator=gen, dtype=D64) * 1e-2
-    update = DirectionUpdate(step=1, base_version=0, new_version=1, step_coef=s,
-                             rotation=torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=D64))[0] if rotate else None,
-                             residual_coef=torch.randn(d, generator=gen, dtype=D64) * 1e-3 if rank1 else None,
-                             complement_keep=1.0, reorthonormalize=reorth)
-    ref_basis = basis.clone()
-    move_ref, coords_ref, residual = newton_move(ref_basis, p, None, s, 1.0, source=u, source_coords=a)
-    dot_ref = float(residual @ (move_ref - p))
-    ref_basis = update_basis(ref_basis, residual, update)
-    move, coords, dot, new = move_and_update(basis, p, s, update, u, a)
-    torch.testing.assert_close(move, move_ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(coords, coords_ref, rtol=1e-10, atol=1e-12)
-    assert dot == pytest.approx(dot_ref, rel=1e-9)
-    torch.testing.assert_close(new, ref_basis, rtol=1e-10, atol=1e-12)
-    assert new.T.is_contiguous()
+    ref_basis, pending = basis.clone(), None
+    for step in range(1, 5):
+        u, p = torch.randn(rows, generator=gen, dtype=D64), torch.randn(rows, generator=gen, dtype=D64) * 1e-2
+        update = _random_update(gen, d, step, rotate, rank1, reorth and step == 3)
+        a = ref_basis.T @ u  # what the report carries: projections on the current basis V R
+        move_ref, coords_ref, residual = newton_move(ref_basis, p, None, update.step_coef, 1.0, source=u, source_coords=a)
+        dot_ref = float(residual @ (move_ref - p))
+        ref_basis = update_basis(ref_basis, residual, update)
+        move, coords, dot, basis, pending = move_and_update(basis, p, update.step_coef, update, u, a,
+                                                            pending=pending, lazy=lazy)
+        torch.testing.assert_close(move, move_ref, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(coords, coords_ref, rtol=1e-9, atol=1e-12)
+        assert dot == pytest.approx(dot_ref, rel=1e-8)
+        current = basis if pending is None else basis @ pending
+        torch.testing.assert_close(current, ref_basis, rtol=1e-9, atol=1e-11)
+        assert basis.T.is_contiguous()
+        assert (pending is not None) == (lazy and not (reorth and step == 3))

@@ -6,7 +6,7 @@ import torch
 
 from ..core import kernels
 from ..core.errors import VersionMismatchError
-from ..core.subspace import apply_basis_update, cholesky_qr2, move_and_update_
+from ..core.subspace import apply_basis_update, cholesky_qr2, move_and_update_, right_multiply_
 from .messages import DirectionUpdate
 from .shard import REPLICATED, param_slices
 
@@ -49,18 +49,38 @@ def newton_move(
 
 def move_and_update(
     basis: torch.Tensor, disp: torch.Tensor, step_coef: torch.Tensor, update: DirectionUpdate,
-    source: torch.Tensor, source_coords: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+    source: torch.Tensor, source_coords: torch.Tensor, pending: torch.Tensor | None = None, lazy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor | None]:
     """``newton_move`` and ``update_basis`` in one read and one write of V, for a replicated
     basis whose residual was left to this hop and π = 1 (the base keeps its whole step, so
-    the move V s needs no Vᵀp first). Returns (the move V s, VᵀΔθ = s − Vᵀp, rᵀΔθ for the
-    step Δθ = move − p, the updated basis)."""
+    the move V s needs no Vᵀp first).
+
+    ``pending`` R (d, d) or None: the basis is V R, R not yet applied. ``lazy``: compose this
+    step's rotation A into R (R ← R A, d × d work) instead of multiplying V by it (a
+    D × d² product, the costliest part of the pass on CPU); the rank-1 term is then added to
+    the stored V as r ((R A)⁻ᵀ c)ᵀ, so that V R A + r cᵀ is the basis the service expects.
+    A re-orthonormalisation step applies R first.
+
+    Returns (the move V s, VᵀΔθ = s − Vᵀp, rᵀΔθ for the step Δθ = move − p, the updated
+    stored basis, the pending R after the step)."""
     dev, dtype = basis.device, basis.dtype
     s = step_coef.to(device=dev, dtype=dtype)
+    a = source_coords.to(dev, dtype)
     rotation = update.rotation.to(dev) if update.rotation is not None else None
     coef = update.residual_coef.to(dev) if update.residual_coef is not None else None
-    move, q, dot = move_and_update_(basis, s, source_coords.to(dev, dtype), source, disp, rotation, coef)
-    return move, s - q, float(dot), _reorthonormalize(basis, update, REPLICATED)
+    if pending is None and not lazy:
+        move, q, dot = move_and_update_(basis, s, a, source, disp, rotation, coef)
+        return move, s - q, float(dot), _reorthonormalize(basis, update, REPLICATED), None
+    r = torch.eye(s.numel(), dtype=torch.float64, device=dev) if pending is None else pending
+    ra = r if rotation is None else r @ rotation.to(torch.float64)
+    stored_coef = None if coef is None else torch.linalg.solve(ra.T, coef.to(torch.float64))
+    move, q_stored, dot = move_and_update_(basis, (r @ s.double()).to(dtype), (r @ a.double()).to(dtype),
+                                           source, disp, None, stored_coef)
+    q = (r.T @ q_stored.double()).to(dtype)
+    if update.reorthonormalize:
+        right_multiply_(basis, ra)
+        return move, s - q, float(dot), _reorthonormalize(basis, update, REPLICATED), None
+    return move, s - q, float(dot), basis, ra
 
 
 def update_basis(basis: torch.Tensor, residual: torch.Tensor, update: DirectionUpdate, layout=REPLICATED) -> torch.Tensor:

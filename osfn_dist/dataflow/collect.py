@@ -34,6 +34,7 @@ def build_report(
     drift: torch.Tensor | None = None,
     settings: dict | None = None,
     pair: torch.Tensor | None = None,
+    coords_map: torch.Tensor | None = None,
 ) -> tuple[Report, torch.Tensor, torch.Tensor | None]:
     """Returns the report, y = Vᵀg and the residual r = u − V Vᵀu of the vector u the
     subspace turns toward (``source``; default the gradient). y and r stay on the worker's
@@ -42,7 +43,9 @@ def build_report(
     basis only) skips forming r here: r is None and its norm is left to the service, which is
     accurate unless the subspace holds nearly all of u — the optimizer asks for the exact
     norm while directions are still being filled. ``pair``: a (2, D) tensor whose rows are
-    ``grad`` and ``source``, so both projections take one pass over V."""
+    ``grad`` and ``source``, so both projections take one pass over V. ``coords_map`` R
+    (d, d): the basis is ``basis`` R (a rotation not yet applied to V; replicated basis
+    without the exact residual only): every projection is mapped by Rᵀ."""
     if not layout.sharded and not exact_residual:
         # the residual is formed after the exchange (apply.newton_move) and its norm derived
         # as ‖u‖² − ‖Vᵀu‖². When g and u are the two rows of one (2, D) buffer, both
@@ -53,14 +56,20 @@ def build_report(
             coords = project(basis, grad)
             src_coords = coords if source is None else project(basis, source)
         residual = None
+        if coords_map is not None:
+            coords, src_coords = _mapped(coords_map, coords), _mapped(coords_map, src_coords)
     else:
+        if coords_map is not None:
+            raise ValueError("coords_map is for a replicated basis without the exact residual")
         coords = layout.project(basis, grad)
         src_coords = coords if source is None else layout.project(basis, source)
         src = layout.rows(grad if source is None else source)
         residual = src.to(basis.dtype) - basis @ src_coords
     drift_coords = None
     if drift is not None:
-        drift_coords = layout.project(basis, drift).detach().to("cpu", torch.float64)
+        drift_coords = layout.project(basis, drift)
+        drift_coords = (drift_coords if coords_map is None else _mapped(coords_map, drift_coords)).detach().to(
+            "cpu", torch.float64)
     report = Report(
         step=step,
         basis_version=basis_version,
@@ -80,6 +89,10 @@ def build_report(
         settings=dict(settings or {}),
     )
     return report, coords, residual
+
+
+def _mapped(r: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    return (r.T @ coords.to(r.dtype)).to(coords.dtype)
 
 
 def write_back(params: list[torch.Tensor], grad: torch.Tensor, has_grad: list[bool]) -> None:
