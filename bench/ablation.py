@@ -48,6 +48,10 @@ VARIANTS = {
     "eig_floor 0.1 + d 16": {"eig_floor": 0.1, "subspace_dim": 16},
     "eig_floor 0.1 + newton_lr 1.0": {"eig_floor": 0.1, "newton_lr": 1.0},
     "complement_in_subspace=0.5": {"complement_in_subspace": 0.5},
+    "basis_update_every 4": {"basis_update_every": 4},
+    "reorth_every 64": {"reorth_every": 64},
+    "preconditioned coordinates": {"coordinates": "preconditioned"},
+    "preconditioned coordinates, d 4": {"coordinates": "preconditioned", "subspace_dim": 4},
 }
 
 

@@ -212,18 +212,12 @@ def _fsdp2_phase(rank, world, out_dir, steps=STEPS):
     averaged gradients); OSFN with its default in-process service on every rank (all ranks
     build the same report from all-reduced projections) and torch's AdamW on DTensors."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
     workload = get_workload("tiny_mlp", seed=0)
 
     def build():
-        model = workload.build_model()
-        for layer in model.modules():
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        return model, OSFN(model.parameters(), **HYPER)
+        return _fsdp2_build(mesh)[1:]
 
     def train(model, opt, first, last):
         _train_my_half(workload, model, opt, rank, world, first, last)
@@ -248,13 +242,9 @@ def _fsdp2_phase(rank, world, out_dir, steps=STEPS):
     checkpoint.load(os.path.join(out_dir, "dcp"), dcp_model, dcp_opt)
     train(dcp_model, dcp_opt, RESUME_AT, steps)
     # a checkpoint from another subspace size is refused, naming what differs
-    other = workload.build_model()
-    for layer in other.modules():
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(other, mesh=mesh)
+    _, other, other_opt = _fsdp2_build(mesh, subspace_dim=6)
     try:
-        checkpoint.load(os.path.join(out_dir, "dcp"), other, OSFN(other.parameters(), **{**HYPER, "subspace_dim": 6}))
+        checkpoint.load(os.path.join(out_dir, "dcp"), other, other_opt)
         refused = "no error"
     except Exception as exc:
         refused = f"{type(exc).__name__}: {exc}"
@@ -262,7 +252,40 @@ def _fsdp2_phase(rank, world, out_dir, steps=STEPS):
     return {"params": params, "resumed": full(resumed_model), "dcp_resumed": full(dcp_model), "refused": refused,
             "local_rows": opt.basis.shape[0],
             "total": params.numel(), "layout": opt.state_dict()["osfn"]["basis_layout"],
-            "steps": opt.diagnostics["step"]}
+            "steps": opt.diagnostics["step"], "dcp_dir": os.path.join(out_dir, "dcp")}
+
+
+def _fsdp2_build(mesh, **hyper):
+    """tiny_mlp with every Linear and the root fully_shard-ed over ``mesh``, and its OSFN."""
+    from torch.distributed.fsdp import fully_shard
+
+    workload = get_workload("tiny_mlp", seed=0)
+    model = workload.build_model()
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return workload, model, OSFN(model.parameters(), **{**HYPER, **hyper})
+
+
+def _one_rank_resume(port: int, dcp_dir: str, out_file: str) -> None:
+    """World size 1: load the 2-rank FSDP2 checkpoint (DCP reshards the DTensors, V's rows
+    included) and train on to the end on the whole batch."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from osfn_dist import checkpoint
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        workload, model, opt = _fsdp2_build(init_device_mesh("cpu", (1,)))
+        checkpoint.load(dcp_dir, model, opt)
+        _train_my_half(workload, model, opt, 0, 1, RESUME_AT, STEPS)
+        torch.save({"params": torch.cat([p.full_tensor().detach().reshape(-1) for p in model.parameters()]),
+                    "steps": opt.diagnostics["step"], "rows": opt.basis.shape[0]}, out_file)
+    finally:
+        dist.destroy_process_group()
 
 
 def _divergence_phase(rank, world):
@@ -478,6 +501,24 @@ def test_fsdp2_sharded_osfn_matches_single_process_and_keeps_only_local_rows(two
     assert torch.equal(a["resumed"], a["params"])  # per-rank state_dict round trip mid-run, bit for bit
     assert torch.equal(a["dcp_resumed"], a["params"])  # torch.distributed.checkpoint round trip, bit for bit
     assert a["refused"].startswith("DimensionMismatchError") and "osfn_rows.basis" in a["refused"], a["refused"]
+
+
+def test_fsdp2_checkpoint_resumes_on_one_rank(two_workers, tmp_path):
+    """A checkpoint written by 2 FSDP2 ranks resumes on 1 (torch.distributed.checkpoint
+    reshards the model, the base's state and V's rows): the run continues where the 2 ranks
+    went (1e-5 relative: only the all-reduce's rounding differs)."""
+    out_file = str(tmp_path / "one_rank.pt")
+    proc = mp.get_context("spawn").Process(target=_one_rank_resume,
+                                           args=(_free_port(), two_workers[0]["fsdp2"]["dcp_dir"], out_file))
+    proc.start()
+    proc.join(timeout=240)
+    if proc.is_alive():
+        proc.kill()
+    assert proc.exitcode == 0
+    got = torch.load(out_file, weights_only=False)
+    two = two_workers[0]["fsdp2"]
+    assert got["steps"] == two["steps"] == STEPS and got["rows"] == two["total"]  # one rank holds every row
+    assert _rel(got["params"], two["params"]) < 1e-5
 
 
 def test_watch_ddp_gives_the_service_every_workers_projection(two_workers):
