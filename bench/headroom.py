@@ -23,6 +23,8 @@ CONFIGS = {
     "oja (first rule)": {"subspace_rule": "oja", "subspace_source": "momentum"},
     "curvature, π=1": {"subspace_rule": "curvature", "subspace_source": "innovation"},
     "curvature, π=0": {"subspace_rule": "curvature", "subspace_source": "innovation", "complement_in_subspace": 0.0},
+    "preconditioned coordinates": {"coordinates": "preconditioned"},
+    "preconditioned coordinates, d=4": {"coordinates": "preconditioned", "subspace_dim": 4},
 }
 
 

@@ -27,6 +27,7 @@ from osfn_dist.metrics.table import METRICS  # noqa: E402
 from osfn_dist.service import torchrun_demo as demo  # noqa: E402
 from osfn_dist.service.client import GrpcExchange  # noqa: E402
 from osfn_dist.service.server import CurvatureServer  # noqa: E402
+from support.faults import nan_gradient_at  # noqa: E402
 
 pytestmark = [
     pytest.mark.prometheus,
@@ -108,7 +109,7 @@ def scraped(tmp_path_factory):
         exchange = train_metrics.timed(GrpcExchange(f"127.0.0.1:{server.port}", token=TOKEN, job=JOB))
         opt = OSFN(model.parameters(), lr=demo.LR, exchange=exchange, **demo.OPTIMIZER)
         run = threading.Thread(target=demo.train, args=(model, opt, demo.make_batches(STEPS)),
-                               kwargs=dict(metrics=train_metrics, nan_step=NAN_STEP, step_sleep=0.08))
+                               kwargs=dict(metrics=train_metrics, before_step=nan_gradient_at(NAN_STEP, sleep_s=0.08)))
         prom.wait_ready()
         deadline = time.monotonic() + 30
         while len(prom.query("up == 1")) < 2:  # both targets scraped before the run starts,

@@ -20,6 +20,9 @@ import torch
 
 from osfn_dist.train.config import TrainConfig
 from osfn_dist.train.ray_checkpoint import find_checkpoint
+from support.faults import KillOnce, ship_by_value
+
+ship_by_value()  # Ray workers unpickle the hooks without importing tests/support
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -95,8 +98,8 @@ def test_resume_continues_the_same_trajectory(base_run, tmp_path, monkeypatch):
 def test_killed_worker_recovers_from_the_last_checkpoint(base_run, tmp_path):
     from osfn_dist.train.ray_trainer import train_ray
 
-    fault = {"kind": "worker", "rank": 1, "step": 35, "marker": str(tmp_path / "killed"), "delay_s": 2.5}
-    summary = train_ray(_cfg(tmp_path / "run", max_failures=1), show_progress=False, fault=fault)
+    fault = KillOnce("worker", rank=1, step=35, marker=str(tmp_path / "killed"), delay_s=2.5)
+    summary = train_ray(_cfg(tmp_path / "run", max_failures=1), show_progress=False, step_hook=fault)
     assert (tmp_path / "killed").exists()
     assert summary["attempts"] == 2
     assert [e["checkpoint_step"] for e in summary["restarts"]] == [25]
@@ -107,8 +110,8 @@ def test_killed_worker_recovers_from_the_last_checkpoint(base_run, tmp_path):
 def test_killed_actor_is_restored_from_the_checkpoint_not_reset(base_run, tmp_path):
     from osfn_dist.train.ray_trainer import train_ray
 
-    fault = {"kind": "actor", "rank": 0, "step": 35, "marker": str(tmp_path / "killed"), "delay_s": 2.5}
-    summary = train_ray(_cfg(tmp_path / "run", max_failures=1), show_progress=False, fault=fault)
+    fault = KillOnce("actor", rank=0, step=35, marker=str(tmp_path / "killed"), delay_s=2.5)
+    summary = train_ray(_cfg(tmp_path / "run", max_failures=1), show_progress=False, step_hook=fault)
     assert (tmp_path / "killed").exists()
     (restored,) = summary["restarts"]
     assert restored["actor_was_restarted"]  # Ray brought it back empty ...

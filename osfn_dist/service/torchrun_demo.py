@@ -52,14 +52,13 @@ def flat_params(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def train(
-    model, opt, batches, rank: int = 0, world: int = 1, metrics=None, nan_step: int | None = None,
-    step_sleep: float = 0.0,
-) -> list[float]:
+def train(model, opt, batches, rank: int = 0, world: int = 1, metrics=None, before_step=None) -> list[float]:
     """Rank r takes rows [r·B/W, (r+1)·B/W) of every batch: the average of the per-rank mean
     gradients equals the full-batch mean gradient, so any world size follows one trajectory
     (up to rounding). The gradient-noise estimate does differ (per-rank projections vs the
-    regression's own), which is why OPTIMIZER turns noise damping off for the comparison."""
+    regression's own), which is why OPTIMIZER turns noise damping off for the comparison.
+    ``before_step(i, model)``: called between backward and ``opt.step()`` (tests poison a
+    gradient there)."""
     losses = []
     for i, (x, y) in enumerate(batches):
         start = time.perf_counter()
@@ -68,12 +67,10 @@ def train(
         opt.zero_grad()
         loss = torch.nn.functional.mse_loss(model(xs), ys)
         loss.backward()
-        if nan_step is not None and i == nan_step:
-            next(model.parameters()).grad.fill_(float("nan"))  # exercises the skipped-step path
+        if before_step is not None:
+            before_step(i, model)
         opt.step()
         losses.append(float(loss.detach()))
-        if step_sleep:
-            time.sleep(step_sleep)
         if metrics is not None:
             metrics.observe_step(float(loss.detach()), time.perf_counter() - start, xs.shape[0], opt.diagnostics)
     return losses
@@ -87,8 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--out", help="rank 0 writes the final flat parameters here (torch.save), rank r to OUT.rank<r>")
     ap.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port + local rank")
-    ap.add_argument("--step-sleep", type=float, default=0.0)
-    ap.add_argument("--nan-step", type=int)
     args = ap.parse_args(argv)
 
     distributed = "WORLD_SIZE" in os.environ
@@ -117,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     model = make_model()
     opt = OSFN(model.parameters(), lr=LR, exchange=exchange, gradient_sync=sync, **OPTIMIZER)
     try:
-        losses = train(model, opt, make_batches(args.steps), rank, world, metrics, args.nan_step, args.step_sleep)
+        losses = train(model, opt, make_batches(args.steps), rank, world, metrics)
     except OSFNError as exc:  # a server with other settings, an unreachable one: one sentence, not a traceback
         hint = ""
         if isinstance(exc, DimensionMismatchError):

@@ -61,9 +61,11 @@ def _resolve(cfg: TrainConfig):
     return workload, steps, batch
 
 
-def train_ray(cfg: TrainConfig, show_progress: bool = True, *, fault: dict | None = None, verbose: bool = False) -> dict:
+def train_ray(cfg: TrainConfig, show_progress: bool = True, *, step_hook=None, verbose: bool = False) -> dict:
     """Train ``cfg.workload`` with ``cfg.num_workers`` Ray Train workers; returns the summary
-    (also written to ``summary.json``). ``fault`` is a chaos hook for tests (see ray_worker)."""
+    (also written to ``summary.json``). ``step_hook``: a picklable callable run on every
+    worker after each optimizer step as ``step_hook(step, rank, actor)`` (probes, drills;
+    the tests kill workers and the actor through it)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -98,7 +100,7 @@ def train_ray(cfg: TrainConfig, show_progress: bool = True, *, fault: dict | Non
             train_loop_config={
                 "train": {**cfg.as_dict(), "backend": "ray"},
                 "steps": steps, "batch_size": batch, "run_name": run_name,
-                "runlog": runlog, "actor": actor, "fault": fault,
+                "runlog": runlog, "actor": actor, "step_hook": step_hook,
                 # Ray Train 2 dropped resume_from_checkpoint: a run's first attempt starts from
                 # this directory (it must be readable by the workers: same node or shared storage)
                 "resume_from": str(resume) if resume else None,

@@ -16,12 +16,9 @@ same trajectory: batches are a deterministic function of (seed, step).
 """
 from __future__ import annotations
 
-import os
-import signal
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -64,30 +61,6 @@ def _actor_call(actor, method: str, *args, timeout_s: float):
             f"the curvature actor is dead or restarting ({type(exc).__name__}) during {method}(); the run "
             "restarts from the last checkpoint if FailureConfig(max_failures>0)"
         ) from exc
-
-
-class _Fault:
-    """Chaos hook for tests and drills: kill this worker or the actor once at a given step
-    (``{"kind": "worker"|"actor", "step": k, "rank": r, "marker": path, "delay_s": t}``); the
-    marker file makes it fire only on the first attempt. ``delay_s`` waits first: Ray Train's
-    controller collects reported checkpoints on its health-check poll, so a kill right after
-    a report can lose that checkpoint (the run then restarts from the one before)."""
-
-    def __init__(self, spec: dict | None, rank: int):
-        self.spec = spec if spec and spec.get("rank", 0) == rank else None
-
-    def maybe_fire(self, step: int, actor) -> None:
-        s = self.spec
-        if s is None or step != s["step"] or os.path.exists(s["marker"]):
-            return
-        Path(s["marker"]).write_text(f"{s['kind']} killed at step {step}\n")
-        time.sleep(float(s.get("delay_s", 0.0)))
-        if s["kind"] == "worker":
-            os.kill(os.getpid(), signal.SIGKILL)
-        elif s["kind"] == "actor":
-            import ray
-
-            ray.kill(actor, no_restart=False)  # Ray restarts it empty; it must be restored
 
 
 def _build_osfn(model, cfg: TrainConfig, rank: int, actor):
@@ -136,7 +109,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     is_osfn = cfg.optimizer.get("name", "osfn") == "osfn"
-    fault = _Fault(config.get("fault"), rank)
+    step_hook = config.get("step_hook")  # hook(step, rank, actor) after every step (train_ray)
 
     workload = get_workload(cfg.workload, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -196,7 +169,8 @@ def train_loop_per_worker(config: dict) -> None:
         local_samples += xs.shape[0]
         steps_done += 1
         last_loss = float(loss.detach())
-        fault.maybe_fire(step, actor)
+        if step_hook is not None:
+            step_hook(step, rank, actor)
         diag = getattr(opt, "diagnostics", {})
         if metrics is not None:
             metrics.observe_step(last_loss, dt, xs.shape[0], diag)

@@ -1,0 +1,1 @@
+"""Test-only helpers (fault injection for drills), kept out of the production modules."""
