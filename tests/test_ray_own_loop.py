@@ -1,7 +1,9 @@
 """Your own Ray Train loop (the recipe osfn_dist/recipes/ray_train_loop.py): a ``train_func``
 with ``prepare_model`` (DDP) and OSFN whose exchange is the driver's curvature actor
 (``osfn_dist.actor.curvature_exchange``), checkpoints through ``ray.train.report`` — no
-osfn-dist trainer involved. It must train exactly like one process on the global batch."""
+osfn-dist trainer involved. It must train exactly like one process on the global batch, and
+under FSDP2 survive a killed worker: resume from the last checkpoint (model, optimizer shards
+and the actor) and end bit for bit where an uninterrupted run ends."""
 from __future__ import annotations
 
 import pytest
@@ -47,3 +49,53 @@ def test_own_train_func_with_ddp_and_the_curvature_actor_matches_one_process(ray
     ours = torch.cat([v.reshape(-1) for v in state["model"].values()])
     ref = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     assert float((ours - ref).norm() / ref.norm()) < 1e-5
+
+
+def _fsdp2_run(tmp_path, name: str, hook=None):
+    """The recipe with FSDP2 on 2 workers and its own curvature actor; returns the final
+    checkpoint's parameters (full tensors, read from the DCP files in one process) and the
+    actor's snapshot."""
+    import ray
+    import torch.distributed.checkpoint as dcp
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from osfn_dist import OSFNConfig
+    from osfn_dist.actor import create_curvature_actor, release_curvature_actor
+    from osfn_dist.recipes.ray_train_loop import train_func
+    from osfn_dist.workloads import get_workload
+
+    actor = create_curvature_actor(OSFNConfig(**HYPER), name=name)
+    config = {"actor": name, "hyper": HYPER, "steps": STEPS, "parallel": "fsdp2", "checkpoint_every": 10}
+    if hook is not None:
+        config["step_hook"] = hook
+    try:
+        result = TorchTrainer(
+            train_func, train_loop_config=config, scaling_config=ScalingConfig(num_workers=2),
+            run_config=RunConfig(name=name, storage_path=str(tmp_path), failure_config=FailureConfig(max_failures=1)),
+        ).fit()
+        snap = ray.get(actor.snapshot.remote(), timeout=60)
+    finally:
+        release_curvature_actor(actor)
+    model = get_workload("tiny_mlp", seed=0).build_model()
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=result.checkpoint.path)  # the ranks' shards, gathered by Ray Train
+    return torch.cat([v.reshape(-1) for v in state["model"].values()]), snap
+
+
+def test_fsdp2_own_loop_resumes_bit_for_bit_after_a_worker_is_killed(ray_session, tmp_path):
+    """FSDP2 + the curvature actor in your own loop: rank 1 SIGKILLed at step 15, Ray Train
+    restarts the group, train_func restores model, optimizer (V's shards) and the actor from
+    the step-10 checkpoint, and the run ends bit for bit where an uninterrupted one does."""
+    from support.faults import KillOnce, ship_by_value
+
+    ship_by_value()
+    straight, straight_actor = _fsdp2_run(tmp_path / "straight", "own-fsdp2-straight")
+    marker = tmp_path / "killed"
+    killed, killed_actor = _fsdp2_run(tmp_path / "killed-run", "own-fsdp2-killed",
+                                      KillOnce("worker", rank=1, step=15, marker=str(marker), delay_s=2.5))
+    assert marker.exists()
+    assert straight_actor["step"] == killed_actor["step"] == STEPS
+    assert straight_actor["restored_from_step"] is None  # never restored ...
+    assert killed_actor["restored_from_step"] == 10  # ... restored from the step-10 checkpoint
+    assert torch.equal(killed, straight)

@@ -1,9 +1,10 @@
-"""OSFN in your own Ray Train loop: ``prepare_model`` (DDP), the driver's curvature actor,
-checkpoints through ``ray.train.report`` — nothing of ``osfn-dist train`` involved.
+"""OSFN in your own Ray Train loop: DDP (``prepare_model``) or FSDP2 (``fully_shard``), the
+driver's curvature actor, checkpoints through ``ray.train.report`` and resume after a
+failure — nothing of ``osfn-dist train`` involved.
 
 Driver::
 
-    from ray.train import ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from osfn_dist import OSFNConfig
     from osfn_dist.actor import create_curvature_actor, release_curvature_actor
@@ -13,14 +14,25 @@ Driver::
     actor = create_curvature_actor(OSFNConfig(**hyper), name="my-run")   # d-sized, num_cpus=0
     try:
         TorchTrainer(train_func, scaling_config=ScalingConfig(num_workers=2),
-                     train_loop_config={"actor": "my-run", "hyper": hyper, "steps": 600}).fit()
+                     run_config=RunConfig(failure_config=FailureConfig(max_failures=2)),
+                     train_loop_config={"actor": "my-run", "hyper": hyper, "steps": 600,
+                                        "parallel": "fsdp2"}).fit()      # or "ddp" (default)
     finally:
         release_curvature_actor(actor)
 
 The actor and the optimizers must agree on the subspace settings (the same ``hyper``); the
-actor refuses a trainer with another ``subspace_dim`` or rule. To resume, save the actor's
-state next to the model (``ray.get(actor.state_dict.remote())``) and restore both, as
-``osfn_dist/train/ray_worker.py`` does.
+actor refuses a trainer with another ``subspace_dim`` or rule.
+
+Checkpoints (every ``checkpoint_every`` steps) hold the model, the optimizer (V included) and
+the actor's state: with DDP rank 0 writes one ``state.pt``; with FSDP2 every rank writes
+its shards through ``torch.distributed.checkpoint`` (``osfn_dist.checkpoint``) and reports
+them, and Ray Train gathers the ranks' files into one checkpoint directory. After a failure
+(``FailureConfig(max_failures>0)``) Ray Train restarts the workers, ``train_func`` finds
+the latest checkpoint, restores the model, the optimizer *and the actor* (which has moved
+on since) and continues with the batches after it: the run ends where an uninterrupted one
+does.
+
+``step_hook(step, rank)`` (optional, picklable): called after every optimizer step.
 """
 from __future__ import annotations
 
@@ -29,33 +41,94 @@ import tempfile
 
 import torch
 
+META = "meta.pt"  # step and the actor's state (rank 0)
+STATE = "state.pt"  # DDP: model and optimizer (rank 0)
+
+
+def _fsdp2(model: torch.nn.Module, world: int) -> torch.nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world,))
+    for layer in model.modules():  # every Linear its own unit, then the root
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _save(directory: str, model, opt, parallel: str, rank: int, step: int, actor) -> None:
+    import ray
+
+    from .. import checkpoint
+
+    if parallel == "fsdp2":
+        checkpoint.save(directory, model, opt)  # every rank writes its own shards
+    elif rank == 0:
+        torch.save({"model": model.module.state_dict(), "optimizer": opt.state_dict()}, os.path.join(directory, STATE))
+    if rank == 0:
+        torch.save({"step": step, "actor": ray.get(actor.state_dict.remote(), timeout=60)}, os.path.join(directory, META))
+
+
+def _restore(directory: str, model, opt, parallel: str, rank: int, actor) -> int:
+    """Load the checkpoint in ``directory``; rank 0 also puts the actor back. Returns its step."""
+    import ray
+
+    from .. import checkpoint
+
+    if parallel == "fsdp2":
+        checkpoint.load(directory, model, opt)
+    else:
+        state = torch.load(os.path.join(directory, STATE), map_location="cpu", weights_only=False)
+        model.module.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    meta = torch.load(os.path.join(directory, META), weights_only=False)
+    if rank == 0:
+        ray.get(actor.load_state_dict.remote(meta["actor"]), timeout=60)
+    return int(meta["step"])
+
 
 def train_func(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from ..actor import curvature_exchange
+    from ..actor import curvature_exchange, get_curvature_actor
+    from ..core.errors import ConfigError
     from ..optimizer import OSFN
     from ..workloads import get_workload
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    workload = get_workload(config.get("workload", "tiny_mlp"), seed=config.get("seed", 0))
-    torch.manual_seed(config.get("seed", 0))
-    model = ray.train.torch.prepare_model(workload.build_model())  # DistributedDataParallel
+    parallel = config.get("parallel", "ddp")
+    if parallel not in ("ddp", "fsdp2"):
+        raise ConfigError(f"parallel={parallel!r}: must be 'ddp' or 'fsdp2'")
+    seed = config.get("seed", 0)
+    workload = get_workload(config.get("workload", "tiny_mlp"), seed=seed)
+    torch.manual_seed(seed)
+    model = workload.build_model()
+    # DDP averages the gradients overlapped with backward; FSDP2 reduce-scatters them
+    model = _fsdp2(model, world) if parallel == "fsdp2" else ray.train.torch.prepare_model(model)
     opt = OSFN(model.parameters(), exchange=curvature_exchange(config["actor"]), **config.get("hyper", {}))
-    every = config.get("checkpoint_every", 10)
-    for step, x, y in workload.batches(config.get("steps", 100), config.get("seed", 0), workload.batch_size):
+    actor = get_curvature_actor(config["actor"]) if isinstance(config["actor"], str) else config["actor"]
+    start = 0
+    latest = ray.train.get_checkpoint()  # after a failure: where to pick up
+    if latest is not None:
+        with latest.as_directory() as d:
+            start = _restore(d, model, opt, parallel, rank, actor)
+    every, hook = config.get("checkpoint_every", 10), config.get("step_hook")
+    for step, x, y in workload.batches(config.get("steps", 100), seed, workload.batch_size):
+        if step <= start:
+            continue
         xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]  # this worker's share
         opt.zero_grad(set_to_none=True)
         loss = workload.loss_fn(model(xs), ys)
-        loss.backward()  # DDP averages the gradients, overlapped with backward
+        loss.backward()
         opt.step()  # rank 0 exchanges with the actor; every rank applies the same update
+        if hook is not None:
+            hook(step, rank)
         if step % every == 0:
             with tempfile.TemporaryDirectory() as d:
-                checkpoint = None
-                if rank == 0:
-                    torch.save({"step": step, "model": model.module.state_dict(), "optimizer": opt.state_dict()},
-                               os.path.join(d, "state.pt"))
-                    checkpoint = ray.train.Checkpoint.from_directory(d)
+                _save(d, model, opt, parallel, rank, step, actor)
+                # FSDP2: every rank reports its shard files; DDP: rank 0 holds the whole state
+                has_files = parallel == "fsdp2" or rank == 0
+                checkpoint = ray.train.Checkpoint.from_directory(d) if has_files else None
                 ray.train.report({"step": step, "loss": float(loss.detach())}, checkpoint=checkpoint)

@@ -1,6 +1,7 @@
 """Faults injected through the production loops' per-step hooks.
 
-``KillOnce`` is a ``train_ray(step_hook=...)`` hook: at step ``step`` on rank ``rank`` it
+``KillOnce`` is a ``train_ray(step_hook=...)`` hook (and one for the own-loop recipe's
+``step_hook``, which passes no actor): at step ``step`` on rank ``rank`` it
 kills this worker process (``kind="worker"``) or the curvature actor (``kind="actor"``,
 which Ray restarts empty: the loop must restore it from the checkpoint). A marker file
 makes it fire only on the first attempt. ``delay_s`` waits first: Ray Train's controller
@@ -28,7 +29,7 @@ class KillOnce:
     marker: str
     delay_s: float = 0.0
 
-    def __call__(self, step: int, rank: int, actor) -> None:
+    def __call__(self, step: int, rank: int, actor=None) -> None:
         if rank != self.rank or step != self.step or os.path.exists(self.marker):
             return
         Path(self.marker).write_text(f"{self.kind} killed at step {step}\n")
