@@ -69,6 +69,10 @@ VARIANTS = {
     "osfn": ({"name": "osfn", "lr": 1e-3}, {}),
     "osfn s=1": ({"name": "osfn", "lr": 1e-3}, {"staleness": 1}),
     "osfn shard": ({"name": "osfn", "lr": 1e-3}, {"shard_basis": True}),
+    # your own Ray Train loop (osfn_dist/recipes/ray_train_loop.py): DDP's averaged gradients
+    # (overlapped with backward) or FSDP2's sharded ones, the same curvature actor
+    "osfn over DDP (own loop)": ({"name": "osfn", "lr": 1e-3}, {"parallel": "ddp"}),
+    "osfn over FSDP2 (own loop)": ({"name": "osfn", "lr": 1e-3}, {"parallel": "fsdp2"}),
 }
 
 
@@ -77,11 +81,41 @@ def _params(size: str) -> int:
     return 64 * w + w + 2 * (w * w + w) + 10 * w + 10
 
 
+def run_own_loop(size: str, variant: str, steps: int, out_dir: Path, workers: int) -> dict:
+    """The recipe's train_func on TorchTrainer; rank 0's step time and optimizer state (its
+    one report, at the last step), in the shape of train_ray's summary."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from osfn_dist import OSFNConfig
+    from osfn_dist.actor import create_curvature_actor, release_curvature_actor
+    from osfn_dist.recipes.ray_train_loop import train_func
+
+    opt, extra = VARIANTS[variant]
+    hyper = {k: v for k, v in opt.items() if k != "name"}
+    name = f"bench-own-{size}-{extra['parallel']}"
+    actor = create_curvature_actor(OSFNConfig(**hyper), name=name)
+    try:
+        result = TorchTrainer(
+            train_func, scaling_config=ScalingConfig(num_workers=workers),
+            train_loop_config={"actor": name, "hyper": hyper, "steps": steps, "checkpoint_every": steps,
+                               "workload": f"bench.distributed:mlp_{size}", **extra},
+            run_config=RunConfig(name=name, storage_path=str(out_dir.resolve())),
+        ).fit()
+    finally:
+        release_curvature_actor(actor)
+    m = result.metrics
+    return {"optimizer": "osfn-own", "worker_throughput": [
+        {"step_ms_median": m["step_ms_median"], "optimizer_state_bytes": m["optimizer_state_bytes"]}]}
+
+
 def run_one(size: str, variant: str, steps: int, out_dir: Path, workers: int) -> dict:
     from osfn_dist.train.config import TrainConfig
     from osfn_dist.train.ray_trainer import train_ray
 
     opt, extra = VARIANTS[variant]
+    if "parallel" in extra:
+        return run_own_loop(size, variant, steps, out_dir, workers)
     run_dir = out_dir / f"{size}-{variant.replace(' ', '_').replace('(', '').replace(')', '').replace('=', '')}"
     cfg = TrainConfig(workload=f"bench.distributed:mlp_{size}", steps=steps, run_dir=str(run_dir), backend="ray",
                       num_workers=workers, checkpoint_every=10**9, keep_checkpoints=1, log_every=10,
@@ -131,7 +165,9 @@ def table(results: dict, steps: int, workers: int, alone: dict) -> str:
         "per-worker training step (forward, backward, gradient all-reduce, optimizer, actor exchange); "
         "`opt.step() alone` = the optimizer by itself in one process on one thread (no communication). "
         "Actor RTT = submit to reply; actor wait = time a worker is blocked on it (pipelining hides the "
-        "round trip behind the next forward/backward). Bytes = pickled Report + DirectionUpdate per step.",
+        "round trip behind the next forward/backward). Bytes = pickled Report + DirectionUpdate per step. "
+        "`own loop` rows: the recipe `osfn_dist/recipes/ray_train_loop.py` (OSFN on DDP's or FSDP2's "
+        "gradients, the same actor); their step time and state are rank 0's.",
         "",
         "| D | optimizer | step ms | throughput vs DDP+AdamW | opt.step() alone ms | actor RTT median / p99 ms "
         "| actor wait median ms | actor bytes/step (to + from) | optimizer state per worker MiB |",
@@ -151,7 +187,7 @@ def table(results: dict, steps: int, workers: int, alone: dict) -> str:
             else:
                 rtt, wait, traffic = "-", "-", "0 (no actor)"
             mem = " / ".join(_mib(w["optimizer_state_bytes"]) for w in s["worker_throughput"])
-            step_alone = alone.get((size, s["optimizer"]))
+            step_alone = alone.get((size, "osfn" if s["optimizer"] == "osfn-own" else s["optimizer"]))
             step_alone = f"{step_alone:.1f}" if step_alone is not None else "-"
             lines.append(f"| {_params(size) / 1e6:.2f}M | {variant} | {ms:.1f} | {ratio} | {step_alone} | {rtt} | {wait} "
                          f"| {traffic} | {mem} |")

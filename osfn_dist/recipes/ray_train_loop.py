@@ -32,12 +32,17 @@ the latest checkpoint, restores the model, the optimizer *and the actor* (which 
 on since) and continues with the batches after it: the run ends where an uninterrupted one
 does.
 
-``step_hook(step, rank)`` (optional, picklable): called after every optimizer step.
+``step_hook(step, rank)`` (optional, picklable): called after every optimizer step. Each
+report carries the step, the loss, this rank's median training-step time (forward,
+backward, communication, optimizer; ms, since the last report) and the optimizer state it
+holds (bytes: the base's state and V's rows on this rank).
 """
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
+import time
 
 import torch
 
@@ -87,6 +92,14 @@ def _restore(directory: str, model, opt, parallel: str, rank: int, actor) -> int
     return int(meta["step"])
 
 
+def _state_bytes(opt) -> int:
+    from ..dataflow.shard import local
+
+    tensors = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    basis = opt.basis
+    return sum(local(t).numel() * t.element_size() for t in tensors) + (0 if basis is None else basis.numel() * basis.element_size())
+
+
 def train_func(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -115,14 +128,17 @@ def train_func(config: dict) -> None:
         with latest.as_directory() as d:
             start = _restore(d, model, opt, parallel, rank, actor)
     every, hook = config.get("checkpoint_every", 10), config.get("step_hook")
+    step_ms: list[float] = []
     for step, x, y in workload.batches(config.get("steps", 100), seed, workload.batch_size):
         if step <= start:
             continue
         xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]  # this worker's share
+        t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = workload.loss_fn(model(xs), ys)
         loss.backward()
         opt.step()  # rank 0 exchanges with the actor; every rank applies the same update
+        step_ms.append(1e3 * (time.perf_counter() - t0))
         if hook is not None:
             hook(step, rank)
         if step % every == 0:
@@ -131,4 +147,6 @@ def train_func(config: dict) -> None:
                 # FSDP2: every rank reports its shard files; DDP: rank 0 holds the whole state
                 has_files = parallel == "fsdp2" or rank == 0
                 checkpoint = ray.train.Checkpoint.from_directory(d) if has_files else None
-                ray.train.report({"step": step, "loss": float(loss.detach())}, checkpoint=checkpoint)
+                ray.train.report({"step": step, "loss": float(loss.detach()), "step_ms_median": statistics.median(step_ms),
+                                  "optimizer_state_bytes": _state_bytes(opt)}, checkpoint=checkpoint)
+            step_ms = []
