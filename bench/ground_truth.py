@@ -15,6 +15,7 @@ Two parts, both against the real Hessian (osfn_dist.bench.ground_truth):
     python bench/ground_truth.py                          # ~2 min on 2 cores
     python bench/ground_truth.py --skip-quadratic --workload mnist1d_mlp --every 50
     python bench/ground_truth.py --skip-quadratic --observe --png runs/bench/observe.png   # newton_lr = 0
+    python bench/ground_truth.py --skip-network --trace-lr 0.5 --trace-set '{"subspace_rate": 0.02}'   # where the steps go
 """
 from __future__ import annotations
 
@@ -92,6 +93,42 @@ def quadratic_table(args) -> None:
             print(f"| {name} | {label} | {best[0] if best[0] else '—'} | "
                   f"{best[1] if best[1] else '—'}{edge} | {max(stable) if stable else '—'} | "
                   f"{'' if label.startswith('SGD') else f'{angle:.0f}'} |", flush=True)
+
+
+def quadratic_trace(args) -> None:
+    """Where the steps go on the D = 500 instance, first rule at one rate: f split into its
+    part in the true top-k eigenspace and the rest, V's largest angle to that eigenspace, the
+    largest fitted eigenvalues against the true ones."""
+    dim, k, seed = 500, 4, 1
+    hess, top, x0 = stiff_quadratic(dim, k, seed)
+    true = torch.linalg.eigvalsh(hess).flip(0)[:k]
+    lr = args.trace_lr
+    theta = torch.nn.Parameter(x0.clone().float())
+    opt = OSFN([theta], lr=lr, complement="nesterov", **FIRST_RULE, **{**QUADRATIC_NEWTON, **args.trace_set})
+    gen = torch.Generator().manual_seed(1)
+    f0 = 0.5 * float(x0 @ hess @ x0)
+    print(f"\nD=500, 4 sharp, first rule, lr {lr:g} {args.trace_set or ''} (true top |λ| "
+          f"{', '.join(f'{float(e):.1f}' for e in true)})\n")
+    print("| step | f in the top-4 eigenspace / f₀ | f elsewhere / f₀ | max angle V vs top-4 | largest fitted |λ| |")
+    print("|---|---|---|---|---|")
+    for t in range(args.qsteps):
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (t + 1) / args.warmup) if args.warmup else lr
+        theta.grad = hess.float() @ theta.detach() + args.noise * torch.randn(dim, generator=gen)
+        opt.step()
+        th = theta.detach().double()
+        sharp = top @ (top.T @ th)
+        rest = th - sharp
+        f_sharp, f_rest = (0.5 * float(v @ hess @ v) / f0 for v in (sharp, rest))
+        done = f_sharp + f_rest <= 1e-4 or not math.isfinite(f_sharp + f_rest) or f_sharp + f_rest > 1e6
+        if t % 3 == 0 or done:
+            basis = opt.basis.detach().double()
+            live = basis[:, torch.linalg.vector_norm(basis, dim=0) > 0.5]
+            angle = f"{float(principal_angles_deg(live, top).max()):.1f}°" if live.shape[1] >= k else "(filling)"
+            fitted = sorted((abs(e) for e in opt.diagnostics["eigenvalues"]), reverse=True)[:k]
+            print(f"| {t + 1} | {f_sharp:.2e} | {f_rest:.2e} | {angle} | {', '.join(f'{e:.3g}' for e in fitted)} |")
+        if done:
+            break
 
 
 def network_trace(args):
@@ -173,6 +210,9 @@ def main(argv=None) -> int:
     ap.add_argument("--qsteps", type=int, default=300)
     ap.add_argument("--noise", type=float, default=0.01)
     ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--trace-lr", type=float, help="also trace one quadratic run at this rate (D = 500 instance)")
+    ap.add_argument("--trace-set", type=__import__("json").loads, default={},
+                    help='OSFN settings for --trace-lr as JSON, e.g. \'{"subspace_rate": 0.02}\'')
     ap.add_argument("--workload", default="deep_linear")
     ap.add_argument("--lr", type=float, default=0.0316, help="the peer's tuned rate (bench/contribution.py)")
     ap.add_argument("--pi", type=float, default=1.0, help="complement_in_subspace")
@@ -185,6 +225,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     if not args.skip_quadratic:
         quadratic_table(args)
+    if args.trace_lr is not None:
+        quadratic_trace(args)
     if not args.skip_network:
         traces = network_trace(args)
         plot(traces, args.png, f"{args.workload}, AdamW complement (peer settings), lr {args.lr:g}, "
