@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,9 @@ def run_own_loop(size: str, variant: str, steps: int, out_dir: Path, workers: in
     opt, extra = VARIANTS[variant]
     hyper = {k: v for k, v in opt.items() if k != "name"}
     name = f"bench-own-{size}-{extra['parallel']}"
+    # a finished run left in storage would be resumed (its last checkpoint is the end) and
+    # its old metrics returned: start from nothing
+    shutil.rmtree(out_dir / name, ignore_errors=True)
     actor = create_curvature_actor(OSFNConfig(**hyper), name=name)
     try:
         result = TorchTrainer(
