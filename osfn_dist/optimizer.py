@@ -312,7 +312,7 @@ class OSFN(Optimizer):
 
     def _fold(self) -> None:
         """Apply the pending rotation to the stored basis (V ← V R, one pass over V). Until
-        then, every-step rotations are composed in d × d (``_lazy_step``)."""
+        then, every-step rotations are composed in d × d (``lazy`` in ``_curvature_step``)."""
         if self._pending is not None:
             if self._basis is not None:
                 right_multiply_(self._basis, self._pending)
