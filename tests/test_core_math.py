@@ -216,3 +216,13 @@ def test_fused_move_and_update_equals_the_composition(rotate, rank1, reorth, laz
         torch.testing.assert_close(current, ref_basis, rtol=1e-9, atol=1e-11)
         assert basis.T.is_contiguous()
         assert (pending is not None) == (lazy and not (reorth and step == 3))
+
+
+def test_slices_of_v_fit_a_cpu_cache_and_stay_few_on_a_gpu():
+    from osfn_dist.core.subspace import _chunk_columns
+
+    d, total = 8, 1_000_000_000  # 1B parameters
+    cpu = _chunk_columns(d, total, 4)
+    assert cpu * d * 4 <= 1 << 20  # a slice fits half of an L2 cache
+    gpu = _chunk_columns(d, total, 4, device="cuda")
+    assert -(-total // gpu) <= 64  # kernel launches per pass stay bounded

@@ -61,9 +61,13 @@ def project_pair(basis: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor,
     return both[:, 0], both[:, 1]
 
 
-def _chunk_columns(d: int, total: int, itemsize: int, budget: int = 1 << 20) -> int:
-    """Columns of V's (d, D) transpose per slice so that a slice (d·n floats) stays in a
-    core's L2 cache (1 MiB: half of this machine's 2 MiB) while several products use it."""
+def _chunk_columns(d: int, total: int, itemsize: int, budget: int = 1 << 20, device: str = "cpu") -> int:
+    """Columns of V's (d, D) transpose per slice. CPU: a slice (d·n floats) stays in a core's
+    L2 cache (1 MiB: half of this machine's 2 MiB) while several products use it. Other
+    devices: at most 64 slices (a GPU gains nothing from cache-sized slices and pays a few
+    kernel launches per slice; 1 MiB slices would be 32,000 of them at 1B parameters)."""
+    if device != "cpu":
+        return min(total, max(1 << 18, -(-total // 64)))
     return max(1024, min(total, budget // max(d * itemsize, 1)))
 
 
@@ -91,7 +95,7 @@ def move_and_update_(
     both = torch.stack([coef, a]).to(device=dev, dtype=dtype)  # (2, d)
     m_t = None if rotation is None else rotation.to(device=dev, dtype=dtype).T.contiguous()
     c_col = None if c is None else c.to(device=dev, dtype=dtype).unsqueeze(1)
-    chunk = _chunk_columns(d, total, vt.element_size())
+    chunk = _chunk_columns(d, total, vt.element_size(), device=dev.type)
     two = torch.empty(2, chunk, dtype=dtype, device=dev)
     scratch = torch.empty(d, chunk, dtype=dtype, device=dev) if m_t is not None else None
     for start in range(0, total, chunk):
