@@ -51,10 +51,10 @@ def test_own_train_func_with_ddp_and_the_curvature_actor_matches_one_process(ray
     assert float((ours - ref).norm() / ref.norm()) < 1e-5
 
 
-def _fsdp2_run(tmp_path, name: str, hook=None):
-    """The recipe with FSDP2 on 2 workers and its own curvature actor; returns the final
-    checkpoint's parameters (full tensors, read from the DCP files in one process) and the
-    actor's snapshot."""
+def _recipe_run(tmp_path, name: str, parallel: str, hook=None):
+    """The recipe with DDP or FSDP2 on 2 workers and its own curvature actor; returns the
+    final checkpoint's parameters (FSDP2: full tensors read from the ranks' DCP files in one
+    process) and the actor's snapshot."""
     import ray
     import torch.distributed.checkpoint as dcp
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -66,7 +66,7 @@ def _fsdp2_run(tmp_path, name: str, hook=None):
     from osfn_dist.workloads import get_workload
 
     actor = create_curvature_actor(OSFNConfig(**HYPER), name=name)
-    config = {"actor": name, "hyper": HYPER, "steps": STEPS, "parallel": "fsdp2", "checkpoint_every": 10}
+    config = {"actor": name, "hyper": HYPER, "steps": STEPS, "parallel": parallel, "checkpoint_every": 10}
     if hook is not None:
         config["step_hook"] = hook
     try:
@@ -77,23 +77,29 @@ def _fsdp2_run(tmp_path, name: str, hook=None):
         snap = ray.get(actor.snapshot.remote(), timeout=60)
     finally:
         release_curvature_actor(actor)
-    model = get_workload("tiny_mlp", seed=0).build_model()
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=result.checkpoint.path)  # the ranks' shards, gathered by Ray Train
-    return torch.cat([v.reshape(-1) for v in state["model"].values()]), snap
+    if parallel == "fsdp2":
+        model = get_workload("tiny_mlp", seed=0).build_model()
+        state = {"model": model.state_dict()}
+        dcp.load(state, checkpoint_id=result.checkpoint.path)  # the ranks' shards, gathered by Ray Train
+        values = state["model"].values()
+    else:
+        values = torch.load(f"{result.checkpoint.path}/state.pt", map_location="cpu", weights_only=False)["model"].values()
+    return torch.cat([v.reshape(-1) for v in values]), snap
 
 
-def test_fsdp2_own_loop_resumes_bit_for_bit_after_a_worker_is_killed(ray_session, tmp_path):
-    """FSDP2 + the curvature actor in your own loop: rank 1 SIGKILLed at step 15, Ray Train
-    restarts the group, train_func restores model, optimizer (V's shards) and the actor from
-    the step-10 checkpoint, and the run ends bit for bit where an uninterrupted one does."""
+@pytest.mark.parametrize("parallel", ["fsdp2", "ddp"])
+def test_own_loop_resumes_bit_for_bit_after_a_worker_is_killed(ray_session, tmp_path, parallel):
+    """DDP or FSDP2 + the curvature actor in your own loop: rank 1 SIGKILLed at step 15, Ray
+    Train restarts the group, train_func restores model, optimizer (V, or its shards) and the
+    actor from the step-10 checkpoint, and the run ends bit for bit where an uninterrupted
+    one does."""
     from support.faults import KillOnce, ship_by_value
 
     ship_by_value()
-    straight, straight_actor = _fsdp2_run(tmp_path / "straight", "own-fsdp2-straight")
+    straight, straight_actor = _recipe_run(tmp_path / "straight", f"own-{parallel}-straight", parallel)
     marker = tmp_path / "killed"
-    killed, killed_actor = _fsdp2_run(tmp_path / "killed-run", "own-fsdp2-killed",
-                                      KillOnce("worker", rank=1, step=15, marker=str(marker), delay_s=2.5))
+    killed, killed_actor = _recipe_run(tmp_path / "killed-run", f"own-{parallel}-killed", parallel,
+                                       KillOnce("worker", rank=1, step=15, marker=str(marker), delay_s=2.5))
     assert marker.exists()
     assert straight_actor["step"] == killed_actor["step"] == STEPS
     assert straight_actor["restored_from_step"] is None  # never restored ...
