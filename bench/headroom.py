@@ -25,6 +25,7 @@ CONFIGS = {
     "curvature, π=0": {"subspace_rule": "curvature", "subspace_source": "innovation", "complement_in_subspace": 0.0},
     "preconditioned coordinates": {"coordinates": "preconditioned"},
     "preconditioned coordinates, d=4": {"coordinates": "preconditioned", "subspace_dim": 4},
+    "preconditioned coordinates, d=32": {"coordinates": "preconditioned", "subspace_dim": 32},
 }
 
 
