@@ -26,6 +26,7 @@ CONFIGS = {
     "preconditioned coordinates": {"coordinates": "preconditioned"},
     "preconditioned coordinates, d=4": {"coordinates": "preconditioned", "subspace_dim": 4},
     "preconditioned coordinates, d=32": {"coordinates": "preconditioned", "subspace_dim": 32},
+    "preconditioned coordinates, newton_warmup=30": {"coordinates": "preconditioned", "newton_warmup": 30},
 }
 
 
