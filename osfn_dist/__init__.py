@@ -1,5 +1,5 @@
 """osfn-dist: online saddle-free Newton (OSFN) for PyTorch, from a laptop to a Ray cluster."""
-from .core.config import LOW_DIMENSIONAL, OSFNConfig
+from .core.config import ADAM_PRECONDITIONED, LOW_DIMENSIONAL, OSFNConfig
 from .core.errors import (
     ConfigError,
     CurvatureServiceUnavailable,
@@ -17,6 +17,7 @@ from . import checkpoint
 __all__ = [
     "OSFN",
     "OSFNConfig",
+    "ADAM_PRECONDITIONED",
     "LOW_DIMENSIONAL",
     "CurvatureService",
     "OSFNError",

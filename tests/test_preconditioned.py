@@ -102,3 +102,13 @@ def test_bad_setups_are_refused():
     p.grad = torch.ones(3)
     with pytest.raises(ConfigError, match="cannot change"):
         opt.step()
+
+
+def test_the_adam_preconditioned_preset_configures_a_wrapping_osfn():
+    from osfn_dist import ADAM_PRECONDITIONED
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = OSFN(base=torch.optim.AdamW([p], lr=0.1), **ADAM_PRECONDITIONED)
+    assert opt.config.coordinates == "preconditioned" and opt.config.newton_warmup == 30
+    with pytest.raises(ConfigError, match="second moments"):  # the preset says what it needs
+        OSFN(base=torch.optim.SGD([p], lr=0.1), **ADAM_PRECONDITIONED)
