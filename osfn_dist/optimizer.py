@@ -615,19 +615,18 @@ class OSFN(Optimizer):
             source = grad if source is None else source
             source_coords = coords if report.source_coords is None else report.source_coords.to(basis.device, basis.dtype)
             fused = residual is None and keep == 1.0 and not measure and not compiled
-            if not fused:
-                self._fold()
             if fused:  # the move, Vᵀp, rᵀΔθ and V ← V A + r cᵀ in one read and one write of V
-                move, step_coords, self._residual_step_dot, self._basis, pending = move_and_update(
+                move, step_coords, self._residual_step_dot, self._basis, self._pending = move_and_update(
                     basis, disp_z, update.step_coef, update, source, source_coords, pending=self._pending, lazy=lazy)
-                self._pending = pending
             else:  # Vᵀp, then V·coef and the residual in one pass
+                self._fold()  # (a no-op: only the fused path leaves a rotation pending)
                 move, step_coords, residual = newton_move(
                     basis, disp_z, residual, update.step_coef, keep, layout,
                     source=source, source_coords=source_coords, compiled=compiled)
             if from_displacement:
                 self._prev_disp = disp if not measure else disp.clone()
-            move_z = None if sigma is None or fused else move.clone()
+            # the z-space move for rᵀΔθ below (two-pass path; measured steps re-derive it)
+            move_z = move.clone() if sigma is not None and not fused and not measure else None
             if sigma is not None:
                 move.mul_(sigma)
             if measure:

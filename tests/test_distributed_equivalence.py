@@ -256,15 +256,12 @@ def _fsdp2_phase(rank, world, out_dir, steps=STEPS):
 
 
 def _fsdp2_build(mesh, **hyper):
-    """tiny_mlp with every Linear and the root fully_shard-ed over ``mesh``, and its OSFN."""
-    from torch.distributed.fsdp import fully_shard
+    """tiny_mlp with every Linear and the root fully_shard-ed over ``mesh`` (as the own-loop
+    recipe shards), and its OSFN."""
+    from osfn_dist.recipes.ray_train_loop import shard_every_linear
 
     workload = get_workload("tiny_mlp", seed=0)
-    model = workload.build_model()
-    for layer in model.modules():
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = shard_every_linear(workload.build_model(), mesh)
     return workload, model, OSFN(model.parameters(), **{**HYPER, **hyper})
 
 

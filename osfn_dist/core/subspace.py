@@ -73,7 +73,7 @@ def _chunk_columns(d: int, total: int, itemsize: int, budget: int = 1 << 20, dev
 
 def move_and_update_(
     basis: torch.Tensor, coef: torch.Tensor, a: torch.Tensor, u: torch.Tensor, p: torch.Tensor,
-    rotation: torch.Tensor | None, c: torch.Tensor | None, move: torch.Tensor | None = None,
+    rotation: torch.Tensor | None, c: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The apply hop's D-sized work in one read and one write of V (replicated basis):
     slice by slice, while the slice is in cache,
@@ -87,7 +87,7 @@ def move_and_update_(
     vt = basis.T  # (d, D), contiguous
     d, total = vt.shape
     dtype, dev = vt.dtype, vt.device
-    move = torch.empty(total, dtype=dtype, device=dev) if move is None else move
+    move = torch.empty(total, dtype=dtype, device=dev)
     q = torch.zeros(d, dtype=dtype, device=dev)
     dot = torch.zeros((), dtype=dtype, device=dev)
     if d == 0 or total == 0:

@@ -50,15 +50,20 @@ META = "meta.pt"  # step and the actor's state (rank 0)
 STATE = "state.pt"  # DDP: model and optimizer (rank 0)
 
 
-def _fsdp2(model: torch.nn.Module, world: int) -> torch.nn.Module:
-    from torch.distributed.device_mesh import init_device_mesh
+def shard_every_linear(model: torch.nn.Module, mesh) -> torch.nn.Module:
+    """FSDP2 over ``mesh``: every ``nn.Linear`` its own unit, then the root."""
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world,))
-    for layer in model.modules():  # every Linear its own unit, then the root
+    for layer in model.modules():
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
     return fully_shard(model, mesh=mesh)
+
+
+def _fsdp2(model: torch.nn.Module, world: int) -> torch.nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return shard_every_linear(model, init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world,)))
 
 
 def _save(directory: str, model, opt, parallel: str, rank: int, step: int, actor) -> None:
@@ -92,14 +97,6 @@ def _restore(directory: str, model, opt, parallel: str, rank: int, actor) -> int
     return int(meta["step"])
 
 
-def _state_bytes(opt) -> int:
-    from ..dataflow.shard import local
-
-    tensors = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
-    basis = opt.basis
-    return sum(local(t).numel() * t.element_size() for t in tensors) + (0 if basis is None else basis.numel() * basis.element_size())
-
-
 def train_func(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -107,6 +104,7 @@ def train_func(config: dict) -> None:
     from ..actor import curvature_exchange, get_curvature_actor
     from ..core.errors import ConfigError
     from ..optimizer import OSFN
+    from ..train.ray_worker import optimizer_state_bytes
     from ..workloads import get_workload
 
     ctx = ray.train.get_context()
@@ -148,5 +146,5 @@ def train_func(config: dict) -> None:
                 has_files = parallel == "fsdp2" or rank == 0
                 checkpoint = ray.train.Checkpoint.from_directory(d) if has_files else None
                 ray.train.report({"step": step, "loss": float(loss.detach()), "step_ms_median": statistics.median(step_ms),
-                                  "optimizer_state_bytes": _state_bytes(opt)}, checkpoint=checkpoint)
+                                  "optimizer_state_bytes": optimizer_state_bytes(opt)}, checkpoint=checkpoint)
             step_ms = []

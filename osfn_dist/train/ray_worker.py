@@ -210,7 +210,7 @@ def train_loop_per_worker(config: dict) -> None:
         "samples_per_second": local_samples / train_seconds if train_seconds else float("nan"),
         "step_ms_mean": 1e3 * train_seconds / steps_done if steps_done else float("nan"),
         "step_ms_median": 1e3 * statistics.median(step_times) if step_times else float("nan"),
-        "optimizer_state_bytes": _optimizer_bytes(opt),
+        "optimizer_state_bytes": optimizer_state_bytes(opt),
     }
     ray.get(runlog.worker_done.remote(rank, stats), timeout=60)
     if rank == 0:
@@ -258,8 +258,11 @@ def _checkpoint(step, cfg, rank, world, model, opt, actor, pipeline, last_loss, 
         )
 
 
-def _optimizer_bytes(opt) -> int:
-    """Bytes of optimizer state held by this worker: V (or its shard) and per-parameter state."""
+def optimizer_state_bytes(opt) -> int:
+    """Bytes of optimizer state held by this worker: V (or its shard) and per-parameter state
+    (for FSDP2's DTensors, this rank's local shards)."""
+    from ..dataflow.shard import local
+
     total = 0
     basis = getattr(opt, "basis", None)
     if isinstance(basis, torch.Tensor):
@@ -267,5 +270,5 @@ def _optimizer_bytes(opt) -> int:
     for st in opt.state.values():
         for v in st.values():
             if isinstance(v, torch.Tensor):
-                total += v.numel() * v.element_size()
+                total += local(v).numel() * v.element_size()
     return total
