@@ -6,10 +6,13 @@
 For each model size it runs ``osfn-dist train`` on Ray Train (the real path: TorchTrainer,
 gloo all-reduce, the curvature actor) with
 
-- ``adamw``       DDP + torch AdamW (the baseline),
-- ``osfn``        OSFN, staleness 0 (exact),
-- ``osfn s=1``    OSFN, one-step-stale pipelining (actor round trip behind the next fwd/bwd),
-- ``osfn shard``  OSFN with the basis sharded across the workers,
+- ``adamw (DDP)``          DDP + torch AdamW (the baseline),
+- ``osfn (DDP)``           OSFN on DDP's averaged gradients (``osfn-dist train``'s default),
+- ``osfn (gradient_sync)`` OSFN's own all-reduce after backward (the earlier default),
+- ``osfn s=1``             OSFN, one-step-stale pipelining (actor round trip behind the next fwd/bwd),
+- ``osfn shard``           OSFN with the basis sharded across the workers (gradient_sync),
+- ``osfn (FSDP2)``         ``--parallel fsdp2``: parameters and V sharded,
+- ``... (own loop)``       the recipe ``osfn_dist/recipes/ray_train_loop.py`` in a bare TorchTrainer,
 
 and reports the median training-step time per worker (start-up, checkpoints and evaluation
 excluded), the throughput ratio to DDP + AdamW, the actor round trip (median, p99), the
@@ -67,13 +70,15 @@ def mlp_10m(seed: int = 0) -> Workload:
 
 VARIANTS = {
     "adamw (DDP)": ({"name": "adamw", "lr": 1e-3}, {}),
-    "osfn": ({"name": "osfn", "lr": 1e-3}, {}),
+    "osfn (DDP)": ({"name": "osfn", "lr": 1e-3}, {}),
+    "osfn (gradient_sync)": ({"name": "osfn", "lr": 1e-3}, {"parallel": "gradient_sync"}),
     "osfn s=1": ({"name": "osfn", "lr": 1e-3}, {"staleness": 1}),
     "osfn shard": ({"name": "osfn", "lr": 1e-3}, {"shard_basis": True}),
+    "osfn (FSDP2)": ({"name": "osfn", "lr": 1e-3}, {"parallel": "fsdp2"}),
     # your own Ray Train loop (osfn_dist/recipes/ray_train_loop.py): DDP's averaged gradients
     # (overlapped with backward) or FSDP2's sharded ones, the same curvature actor
-    "osfn over DDP (own loop)": ({"name": "osfn", "lr": 1e-3}, {"parallel": "ddp"}),
-    "osfn over FSDP2 (own loop)": ({"name": "osfn", "lr": 1e-3}, {"parallel": "fsdp2"}),
+    "osfn over DDP (own loop)": ({"name": "osfn", "lr": 1e-3}, {"own_loop": "ddp"}),
+    "osfn over FSDP2 (own loop)": ({"name": "osfn", "lr": 1e-3}, {"own_loop": "fsdp2"}),
 }
 
 
@@ -94,7 +99,7 @@ def run_own_loop(size: str, variant: str, steps: int, out_dir: Path, workers: in
 
     opt, extra = VARIANTS[variant]
     hyper = {k: v for k, v in opt.items() if k != "name"}
-    name = f"bench-own-{size}-{extra['parallel']}"
+    name = f"bench-own-{size}-{extra['own_loop']}"
     # a finished run left in storage would be resumed (its last checkpoint is the end) and
     # its old metrics returned: start from nothing
     shutil.rmtree(out_dir / name, ignore_errors=True)
@@ -103,7 +108,7 @@ def run_own_loop(size: str, variant: str, steps: int, out_dir: Path, workers: in
         result = TorchTrainer(
             train_func, scaling_config=ScalingConfig(num_workers=workers),
             train_loop_config={"actor": name, "hyper": hyper, "steps": steps, "checkpoint_every": steps,
-                               "workload": f"bench.distributed:mlp_{size}", **extra},
+                               "workload": f"bench.distributed:mlp_{size}", "parallel": extra["own_loop"]},
             run_config=RunConfig(name=name, storage_path=str(out_dir.resolve())),
         ).fit()
     finally:
@@ -118,7 +123,7 @@ def run_one(size: str, variant: str, steps: int, out_dir: Path, workers: int) ->
     from osfn_dist.train.ray_trainer import train_ray
 
     opt, extra = VARIANTS[variant]
-    if "parallel" in extra:
+    if "own_loop" in extra:
         return run_own_loop(size, variant, steps, out_dir, workers)
     run_dir = out_dir / f"{size}-{variant.replace(' ', '_').replace('(', '').replace(')', '').replace('=', '')}"
     cfg = TrainConfig(workload=f"bench.distributed:mlp_{size}", steps=steps, run_dir=str(run_dir), backend="ray",
@@ -146,7 +151,7 @@ def optimizer_step_ms(size: str, name: str, repeats: int = 10, warmup: int = 20)
     try:
         workload = mlp_1m() if size == "1m" else mlp_10m()
         model = workload.build_model()
-        opt = build_optimizer(model.parameters(), dict(VARIANTS["osfn" if name == "osfn" else "adamw (DDP)"][0]))
+        opt = build_optimizer(model.parameters(), dict(VARIANTS["osfn (DDP)" if name == "osfn" else "adamw (DDP)"][0]))
         x, y = workload.train
         times, whole = [], []
         for i in range(repeats + warmup):

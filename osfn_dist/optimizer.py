@@ -478,7 +478,9 @@ class OSFN(Optimizer):
             raise ConfigError("watch_ddp is for DDP; OSFN's own gradient_sync already gathers the projections")
         params = self._params()
         rows = {id(p): r for p, (_, r) in zip(params, param_slices(params))}
-        self._ddp_projections = DDPProjections(ddp_model, lambda p: rows[id(p)], lambda: self.basis)
+        # the stored V (not opt.basis, which would apply a pending rotation R in backward):
+        # _sync maps what the hook projected by R, as build_report maps the step's own projections
+        self._ddp_projections = DDPProjections(ddp_model, lambda p: rows[id(p)], lambda: self._basis)
         return self
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -511,6 +513,8 @@ class OSFN(Optimizer):
         grad, worker_coords = self._sync_gradients(params, has_grad, curvature_step)
         if self._ddp_projections is not None:  # gathered every step, so the hook's sums never mix steps
             worker_coords = self._ddp_projections.gather()
+            if worker_coords is not None and self._pending is not None:  # rows (V R)ᵀ g_r = Rᵀ Vᵀ g_r
+                worker_coords = worker_coords @ self._pending.detach().to("cpu", torch.float64)
             if not curvature_step:
                 worker_coords = None
         return has_grad, curvature_step, grad, worker_coords
@@ -560,10 +564,11 @@ class OSFN(Optimizer):
         exact = self._last.get("alive_directions", 0) < self.subspace_dim
         # lazy: this step's rotation is composed into the pending d × d R instead of V (the
         # basis is V R); only on the one-pass path (replicated, π = 1, full directions) and
-        # where nothing else reads V between steps (no gradient_sync, no DDP hook)
+        # where nothing else reads V between steps (no gradient_sync; the DDP hook's
+        # projections are mapped by R in _sync)
         compiled = self.param_groups[0]["kernels"] == "compiled"
         lazy = (not exact and not measure and not compiled and not layout.sharded and self.gradient_sync is None
-                and self._ddp_projections is None and float(hyper["complement_in_subspace"]) == 1.0)
+                and float(hyper["complement_in_subspace"]) == 1.0)
         if not lazy:
             self._fold()
         # coordinates='preconditioned': everything the subspace sees is in z = θ / σ

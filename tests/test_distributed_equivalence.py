@@ -144,10 +144,12 @@ def _noise_phase(rank, world, mode, steps=30):
     from osfn_dist.core.config import OSFNConfig
     from osfn_dist.dataflow.distributed import GradientSync, LeaderExchange
 
-    hyper = {**HYPER, "noise_damping": True}
+    # basis_update_every 2: eigen-alignments land between re-orthonormalisations, so the
+    # lazy path holds a rotation R != I pending for many steps
+    hyper = {**HYPER, "noise_damping": True, "basis_update_every": 2}
     workload = get_workload("tiny_mlp", seed=0)
     model = workload.build_model()
-    inner = InProcessExchange(CurvatureService(OSFNConfig(**hyper))) if rank == 0 else None
+    inner = _Recording(CurvatureService(OSFNConfig(**hyper))) if rank == 0 else None
     if mode == "sync":
         net = model
         opt = OSFN(model.parameters(), exchange=LeaderExchange(inner), gradient_sync=GradientSync(), **hyper)
@@ -156,8 +158,25 @@ def _noise_phase(rank, world, mode, steps=30):
         opt = OSFN(net.parameters(), exchange=LeaderExchange(inner), **hyper)
         if mode == "ddp_watch":
             opt.watch_ddp(net)
-    _train_my_half(workload, net, opt, rank, world, 0, steps)
-    return _flat(model)
+    lazy_steps = 0
+    for i in range(steps):  # one step at a time: count the steps that leave a rotation R != I pending
+        _train_my_half(workload, net, opt, rank, world, i, i + 1)
+        eye = torch.eye(HYPER["subspace_dim"], dtype=torch.float64)
+        lazy_steps += opt._pending is not None and not torch.allclose(opt._pending.double(), eye)
+    return _flat(model), inner.worker_coords if inner is not None else None, lazy_steps
+
+
+class _Recording(InProcessExchange):
+    """The service's exchange, keeping every report's per-worker projections."""
+
+    def __init__(self, service):
+        super().__init__(service)
+        self.worker_coords = []
+
+    def exchange(self, report):
+        if report.worker_grad_coords is not None:
+            self.worker_coords.append(torch.as_tensor(report.worker_grad_coords, dtype=torch.float64).clone())
+        return super().exchange(report)
 
 
 def _unused_on_one_rank_phase(rank, world, steps=15):
@@ -353,7 +372,9 @@ def _worker(rank, world, port, out_dir):
         out["scaler"] = _grad_scaler_phase(rank, world)
         out["fsdp2"] = _fsdp2_phase(rank, world, out_dir)
         out["divergence"] = _divergence_phase(rank, world)
-        out["noise"] = {mode: _noise_phase(rank, world, mode) for mode in ("sync", "ddp", "ddp_watch")}
+        noise = {mode: _noise_phase(rank, world, mode) for mode in ("sync", "ddp", "ddp_watch")}
+        out["noise"] = {mode: v[0] for mode, v in noise.items()}
+        out["noise_reports"] = {mode: v[1:] for mode, v in noise.items()}
         # a leader whose exchange fails: every rank must raise, none may hang
         leader = LeaderExchange(_FailingExchange() if rank == 0 else None)
         from osfn_dist.dataflow.messages import Report
@@ -525,6 +546,13 @@ def test_watch_ddp_gives_the_service_every_workers_projection(two_workers):
     assert _rel(noise["ddp_watch"], noise["sync"]) < 1e-5
     assert _rel(noise["ddp"], noise["sync"]) > 1e-4  # the noise estimate matters on this run
     assert torch.equal(noise["ddp_watch"], two_workers[1]["noise"]["ddp_watch"])
+    # what the service got: every worker's projection onto the basis the step uses, also
+    # while a rotation R is pending (the basis is V R; the hook projects on V: mapped by R)
+    (sync, _), (watched, lazy_steps) = (two_workers[0]["noise_reports"][m] for m in ("sync", "ddp_watch"))
+    # (the hook has no basis to project on before the first step: one report fewer)
+    assert lazy_steps > 10 and len(watched) == len(sync) - 1 > 20
+    for a, b in zip(watched, sync[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_a_rank_that_drifts_or_runs_another_model_is_a_typed_error_on_every_rank(two_workers):

@@ -21,6 +21,33 @@ def test_no_flags_means_ray_with_two_cpu_workers():
     cfg = command.config_from_args(_args())
     assert cfg.backend == "ray" and cfg.num_workers == 2 and not cfg.use_gpu and cfg.address is None
     assert cfg.staleness == 0 and not cfg.shard_basis
+    assert cfg.parallel_mode() == "ddp"  # OSFN on DDP's averaged gradients, like a user's own loop
+
+
+def test_parallel_mode_follows_the_flags():
+    assert command.config_from_args(_args("--parallel", "fsdp2")).parallel_mode() == "fsdp2"
+    assert command.config_from_args(_args("--shard-basis")).parallel_mode() == "gradient_sync"
+    with pytest.raises(ConfigError, match="shard_basis needs parallel='gradient_sync'"):
+        command.config_from_args(_args("--shard-basis", "--parallel", "ddp"))
+    local = _args("--parallel", "fsdp2", "--backend", "local")
+    with pytest.raises(ConfigError, match="--parallel needs Ray Train workers"):
+        command._refuse_for_local(local, command.config_from_args(local))
+
+
+def test_a_checkpoint_resumes_only_in_its_own_parallel_mode(tmp_path):
+    from osfn_dist.core.errors import DimensionMismatchError
+    from osfn_dist.train.ray_checkpoint import load_state
+
+    for mode in ("fsdp2", "ddp"):
+        (tmp_path / mode).mkdir()
+        save_leader_state(tmp_path / mode, step=5, model={}, optimizer=None, actor=None, pipeline=None,
+                          meta={"parallel": mode})
+    assert load_state(tmp_path / "fsdp2", 0, 2, False, fsdp2=True)["step"] == 5
+    assert load_state(tmp_path / "ddp", 0, 2, False, fsdp2=False)["step"] == 5
+    with pytest.raises(DimensionMismatchError, match="resume with --parallel fsdp2"):
+        load_state(tmp_path / "fsdp2", 0, 2, False, fsdp2=False)
+    with pytest.raises(DimensionMismatchError, match="an FSDP2 run cannot resume"):
+        load_state(tmp_path / "ddp", 0, 2, False, fsdp2=True)
 
 
 def test_backend_local_stays_single_process():
@@ -42,7 +69,8 @@ def test_ray_flags_reach_the_config(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [{"staleness": 2}, {"keep_checkpoints": 0}, {"actor_timeout_s": 0},
-                                 {"max_failures": -2}, {"shard_basis": "yes"}])
+                                 {"max_failures": -2}, {"shard_basis": "yes"},
+                                 {"parallel": "zero3"}])
 def test_invalid_ray_settings_are_config_errors(bad):
     with pytest.raises(ConfigError):
         TrainConfig(**bad)

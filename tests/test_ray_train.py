@@ -8,7 +8,10 @@
   checkpoint (its step and basis version are the checkpoint's, not zero) and the run
   finishes on the same trajectory;
 - pipelined (staleness 1) with a sharded basis: runs, says its updates are stale, and
-  holds less optimizer state per worker.
+  holds less optimizer state per worker;
+- the data-parallel modes agree: the default (OSFN on DDP's averaged gradients), OSFN's own
+  GradientSync and FSDP2 (V sharded with the parameters) end within 1e-5 of each other, and
+  an FSDP2 run resumed from its step-25 DCP checkpoint ends bit for bit where it did.
 """
 from __future__ import annotations
 
@@ -132,3 +135,23 @@ def test_pipelined_run_with_sharded_basis(base_run, tmp_path):
     assert all(w["optimizer_state_bytes"] < replicated for w in summary["worker_throughput"])
     ckpt = find_checkpoint(tmp_path / "run")
     assert {p.name for p in ckpt.iterdir()} >= {"state.pt", "meta.json", "optimizer-rank0.pt", "optimizer-rank1.pt"}
+
+
+def test_gradient_sync_and_fsdp2_match_the_ddp_default(base_run, tmp_path):
+    from osfn_dist.train.ray_trainer import train_ray
+
+    run_dir, ddp = base_run
+    sync = train_ray(_cfg(tmp_path / "sync", parallel="gradient_sync"), show_progress=False)
+    fsdp2 = train_ray(_cfg(tmp_path / "fsdp2", parallel="fsdp2"), show_progress=False)
+    assert _rel(_params(tmp_path / "sync"), _params(run_dir)) < 1e-5
+    assert _rel(_params(tmp_path / "fsdp2"), _params(run_dir)) < 1e-5  # state.pt holds the whole model
+    assert abs(fsdp2["final_loss"] - ddp["final_loss"]) < 1e-4 * ddp["final_loss"]
+    # under FSDP2 each worker holds its shards' rows of V and of the base's moments
+    full = ddp["worker_throughput"][0]["optimizer_state_bytes"]
+    assert all(w["optimizer_state_bytes"] < 0.75 * full for w in fsdp2["worker_throughput"])
+    ckpt = [p for p in (tmp_path / "fsdp2" / "ray").rglob("step_00000025")][0]
+    assert (ckpt / ".metadata").exists() and json.loads((ckpt / "meta.json").read_text())["parallel"] == "fsdp2"
+
+    resumed = train_ray(_cfg(tmp_path / "resumed", parallel="fsdp2", resume_from=str(ckpt)), show_progress=False)
+    assert resumed["restarts"][0]["checkpoint_step"] == 25
+    assert torch.equal(_params(tmp_path / "resumed"), _params(tmp_path / "fsdp2"))

@@ -60,10 +60,47 @@ def shard_every_linear(model: torch.nn.Module, mesh) -> torch.nn.Module:
     return fully_shard(model, mesh=mesh)
 
 
-def _fsdp2(model: torch.nn.Module, world: int) -> torch.nn.Module:
-    from torch.distributed.device_mesh import init_device_mesh
+PARALLEL = ("ddp", "fsdp2", "gradient_sync")
 
-    return shard_every_linear(model, init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world,)))
+
+def parallelize(model: torch.nn.Module, parallel: str, world: int) -> torch.nn.Module:
+    """``model`` made data parallel as ``parallel`` says, inside a Ray Train worker:
+    ``"ddp"`` (``ray.train.torch.prepare_model``: gradients averaged overlapped with
+    backward), ``"fsdp2"`` (``shard_every_linear`` over all ranks: parameters and V sharded),
+    or ``"gradient_sync"`` (unchanged: OSFN's own ``GradientSync`` averages after backward)."""
+    from ..core.errors import ConfigError
+
+    if parallel not in PARALLEL:
+        raise ConfigError(f"parallel={parallel!r}: must be one of {PARALLEL}")
+    if parallel == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return shard_every_linear(model, init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world,)))
+    if parallel == "ddp":
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+    return model
+
+
+def osfn_for(model: torch.nn.Module, parallel: str, exchange, **hyper):
+    """OSFN over ``model`` as ``parallelize`` left it. Under DDP with noise damping on, a DDP
+    communication hook also gives the service every worker's own projection (``watch_ddp``);
+    with ``"gradient_sync"`` OSFN averages the gradients itself (``shard_basis=True`` is
+    allowed only there)."""
+    from ..core.errors import ConfigError
+    from ..dataflow.distributed import GradientSync
+    from ..optimizer import OSFN
+
+    if hyper.get("shard_basis") and parallel != "gradient_sync":
+        raise ConfigError(f"shard_basis needs parallel='gradient_sync' (this run has {parallel!r}); "
+                          "parallel='fsdp2' shards V with the parameters instead")
+    if parallel == "gradient_sync":
+        hyper["gradient_sync"] = GradientSync()
+    opt = OSFN(model.parameters(), exchange=exchange, **hyper)
+    if parallel == "ddp" and opt.config.noise_damping and opt.subspace_dim:
+        opt.watch_ddp(model)
+    return opt
 
 
 def _save(directory: str, model, opt, parallel: str, rank: int, step: int, actor) -> None:
@@ -99,11 +136,9 @@ def _restore(directory: str, model, opt, parallel: str, rank: int, actor) -> int
 
 def train_func(config: dict) -> None:
     import ray.train
-    import ray.train.torch
 
     from ..actor import curvature_exchange, get_curvature_actor
     from ..core.errors import ConfigError
-    from ..optimizer import OSFN
     from ..train.ray_worker import optimizer_state_bytes
     from ..workloads import get_workload
 
@@ -117,8 +152,8 @@ def train_func(config: dict) -> None:
     torch.manual_seed(seed)
     model = workload.build_model()
     # DDP averages the gradients overlapped with backward; FSDP2 reduce-scatters them
-    model = _fsdp2(model, world) if parallel == "fsdp2" else ray.train.torch.prepare_model(model)
-    opt = OSFN(model.parameters(), exchange=curvature_exchange(config["actor"]), **config.get("hyper", {}))
+    model = parallelize(model, parallel, world)
+    opt = osfn_for(model, parallel, curvature_exchange(config["actor"]), **config.get("hyper", {}))
     actor = get_curvature_actor(config["actor"]) if isinstance(config["actor"], str) else config["actor"]
     start = 0
     latest = ray.train.get_checkpoint()  # after a failure: where to pick up

@@ -49,6 +49,11 @@ def register(subparsers) -> None:
         "--shard-basis", action="store_true", default=None,
         help="shard the subspace basis across workers (each keeps its slice's rows)",
     )
+    p.add_argument(
+        "--parallel", choices=("ddp", "fsdp2", "gradient_sync"),
+        help="how OSFN's workers share gradients: ddp (default; averaged overlapped with backward), "
+             "fsdp2 (parameters and V sharded), gradient_sync (OSFN's own all-reduce; needed by --shard-basis)",
+    )
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
     p.add_argument("--resume-from", help="checkpoint directory, or a run directory to resume from its latest")
     p.add_argument("--storage-path", help="where checkpoints go (shared storage on multi-node clusters)")
@@ -66,7 +71,7 @@ def register(subparsers) -> None:
 # flags only Ray Train workers can honour: the local backend refuses them instead of ignoring them
 RAY_ONLY_FLAGS = {
     "num_workers": "--num-workers", "address": "--address", "use_gpu": "--use-gpu", "staleness": "--staleness",
-    "shard_basis": "--shard-basis", "storage_path": "--storage-path", "max_failures": "--max-failures",
+    "shard_basis": "--shard-basis", "parallel": "--parallel", "storage_path": "--storage-path", "max_failures": "--max-failures",
     "actor_timeout": "--actor-timeout",
 }
 
@@ -122,6 +127,7 @@ def config_from_args(args):
         "metrics_port": args.metrics_port,
         "staleness": args.staleness,
         "shard_basis": args.shard_basis,
+        "parallel": args.parallel,
         "checkpoint_every": args.checkpoint_every,
         "resume_from": args.resume_from,
         "storage_path": args.storage_path,
@@ -129,7 +135,7 @@ def config_from_args(args):
         "actor_timeout_s": args.actor_timeout,
     }
     flags = {k: v for k, v in flags.items() if v is not None}
-    if args.address or args.num_workers or args.use_gpu or args.staleness or args.shard_basis:
+    if args.address or args.num_workers or args.use_gpu or args.staleness or args.shard_basis or args.parallel:
         flags.setdefault("backend", "ray")
     base = TrainConfig.from_file(args.config).as_dict() if args.config else {}
     merged = {**base, **flags}

@@ -65,6 +65,10 @@ class TrainConfig:
     # --- Ray runs only ---
     staleness: int = 0  # 1: pipeline the curvature round trip behind the next forward/backward
     shard_basis: bool = False  # each worker keeps the basis rows of its parameter slice (ZeRO-style)
+    # how OSFN's workers are data parallel: "ddp" (DDP averages overlapped with backward),
+    # "fsdp2" (fully_shard: parameters and V sharded), "gradient_sync" (OSFN's own all-reduce
+    # after backward; the only one for shard_basis). None: gradient_sync with shard_basis, else ddp
+    parallel: str | None = None
     resume_from: str | None = None  # a checkpoint directory, or a run directory (its latest checkpoint)
     storage_path: str | None = None  # checkpoints (shared storage on multi-node clusters); default <run_dir>/ray
     keep_checkpoints: int = 2
@@ -96,6 +100,11 @@ class TrainConfig:
             bad("staleness", "0 (exact) or 1 (pipelined, one step stale)")
         if not isinstance(self.shard_basis, bool):
             bad("shard_basis", "true or false")
+        if self.parallel not in (None, "ddp", "fsdp2", "gradient_sync"):
+            bad("parallel", "'ddp', 'fsdp2' or 'gradient_sync' (or unset)")
+        if self.shard_basis and self.parallel not in (None, "gradient_sync"):
+            raise ConfigError(f"shard_basis needs parallel='gradient_sync' (this config has {self.parallel!r}); "
+                              "parallel='fsdp2' shards V with the parameters instead")
         if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
             bad("keep_checkpoints", "an int >= 1")
         for name in ("max_failures", "actor_max_restarts"):
@@ -111,6 +120,9 @@ class TrainConfig:
             raise ConfigError(f"invalid train config optimizer.name={name!r}: must be one of {OPTIMIZER_NAMES}")
         if name == "osfn":
             self.osfn_config()  # raises ConfigError naming the field
+
+    def parallel_mode(self) -> str:
+        return self.parallel or ("gradient_sync" if self.shard_basis else "ddp")
 
     def optimizer_kwargs(self) -> dict:
         return {k: (tuple(v) if k == "betas" else v) for k, v in self.optimizer.items() if k != "name"}

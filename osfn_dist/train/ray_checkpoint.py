@@ -10,7 +10,10 @@ merged by Ray Train:
   interrupted one would have applied next.
 - ``optimizer-rank<r>.pt`` (every rank, only with a sharded basis): that rank's optimizer
   state with its rows of V.
-- ``meta.json``: step, workload, world size, sharding, for humans and for checks.
+- FSDP2 (``parallel="fsdp2"``): every rank's DCP shards of the model and the optimizer
+  (``osfn_dist.checkpoint``; they load on another world size), and the whole model, gathered,
+  in ``state.pt``.
+- ``meta.json``: step, workload, world size, sharding, parallel mode, for humans and for checks.
 
 Worker state and actor state are saved at the same step, so they always agree on the basis
 version; restoring one without the other is refused by the version checks.
@@ -52,8 +55,10 @@ def save_shard_state(directory: str | Path, rank: int, optimizer: dict) -> None:
     torch.save(optimizer, Path(directory) / shard_file(rank))
 
 
-def load_state(directory: str | Path, rank: int, world_size: int, shard_basis: bool) -> dict:
-    """Everything rank ``rank`` needs to resume (model, its optimizer state, actor state)."""
+def load_state(directory: str | Path, rank: int, world_size: int, shard_basis: bool, fsdp2: bool = False) -> dict:
+    """Everything rank ``rank`` needs to resume (model, its optimizer state, actor state).
+    Under FSDP2 the model and the optimizer are the directory's DCP shards
+    (``osfn_dist.checkpoint.load``; any world size), not these entries."""
     d = Path(directory)
     if not (d / STATE_FILE).exists():
         raise ConfigError(f"{str(d)!r} is not an osfn-dist checkpoint (no {STATE_FILE})")
@@ -65,6 +70,13 @@ def load_state(directory: str | Path, rank: int, world_size: int, shard_basis: b
     if saved_sharded != shard_basis:
         raise DimensionMismatchError(
             f"checkpoint {str(d)!r} was written with shard_basis={saved_sharded}; resume with the same setting"
+        )
+    saved_fsdp2 = meta.get("parallel") == "fsdp2"
+    if saved_fsdp2 != fsdp2:
+        raise DimensionMismatchError(
+            f"checkpoint {str(d)!r} was written with parallel={meta.get('parallel', 'gradient_sync')!r}; "
+            f"{'resume with --parallel fsdp2' if saved_fsdp2 else 'an FSDP2 run cannot resume from it'} "
+            "(FSDP2 checkpoints are DCP shards)"
         )
     if shard_basis:
         if meta.get("world_size") != world_size:

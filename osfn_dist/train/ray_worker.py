@@ -1,16 +1,21 @@
 """The Ray Train loop that runs on every worker.
 
-Data path per step (no DDP for OSFN; DDP for the first-order peers)::
+Data path per step. The model is made data parallel by the same public helpers a user's own
+loop uses (``osfn_dist.recipes.ray_train_loop.parallelize`` / ``osfn_for``)::
 
     forward/backward on this worker's slice of the global batch
-    OSFN.step():  GradientSync — one all-reduce of the flat gradient (D floats, gloo/NCCL)
-                  and an all-gather of each worker's local projection (d floats)
-                  LeaderExchange — rank 0 sends the d-sized report to the curvature actor
+      parallel="ddp" (default): DDP averages the gradients, overlapped with backward; its
+                  communication hook also projects each bucket's local gradient (d floats)
+      parallel="fsdp2": fully_shard reduce-scatters them; V keeps this rank's rows
+      parallel="gradient_sync": OSFN.step() all-reduces the flat gradient itself (the only
+                  mode for shard_basis)
+    OSFN.step():  LeaderExchange — rank 0 sends the d-sized report to the curvature actor
                   (ActorExchange, optionally pipelined) and broadcasts the update
                   apply — every worker applies the same update to its own copy (or shard) of V
 
 Checkpoints every ``checkpoint_every`` steps hold the model, the optimizer (V included),
-the actor's state and any update in flight (``ray_checkpoint``). On (re)start the loop
+the actor's state and any update in flight (``ray_checkpoint``; under FSDP2 the model and
+the optimizer as every rank's DCP shards, plus the whole model in ``state.pt``). On (re)start the loop
 restores all of them, including the actor (never left silently empty), and continues the
 same trajectory: batches are a deterministic function of (seed, step).
 """
@@ -65,8 +70,9 @@ def _actor_call(actor, method: str, *args, timeout_s: float):
 
 def _build_osfn(model, cfg: TrainConfig, rank: int, actor):
     from ..actor.curvature_actor import ActorExchange
-    from ..dataflow.distributed import GradientSync, LeaderExchange
+    from ..dataflow.distributed import LeaderExchange
     from ..dataflow.pipeline import PipelinedExchange
+    from ..recipes.ray_train_loop import osfn_for
 
     actor_exchange = pipeline = None
     inner = None
@@ -74,10 +80,10 @@ def _build_osfn(model, cfg: TrainConfig, rank: int, actor):
         inner = actor_exchange = ActorExchange(actor, timeout_s=cfg.actor_timeout_s)
         if cfg.staleness:
             inner = pipeline = PipelinedExchange(actor_exchange)
-    extra = {"exchange": LeaderExchange(inner), "gradient_sync": GradientSync()}
+    hyper = cfg.optimizer_kwargs()
     if cfg.shard_basis:
-        extra["shard_basis"] = True
-    opt = build_optimizer(model.parameters(), cfg.optimizer, **extra)
+        hyper["shard_basis"] = True
+    opt = osfn_for(model, cfg.parallel_mode(), LeaderExchange(inner), **hyper)
     return opt, actor_exchange, pipeline
 
 
@@ -116,7 +122,11 @@ def train_loop_per_worker(config: dict) -> None:
     model = workload.build_model().to(device)
     _broadcast_parameters(model)
     actor_exchange = pipeline = None
+    fsdp2 = is_osfn and cfg.parallel_mode() == "fsdp2"
     if is_osfn:
+        from ..recipes.ray_train_loop import parallelize
+
+        model = parallelize(model, cfg.parallel_mode(), world)
         opt, actor_exchange, pipeline = _build_osfn(model, cfg, rank, actor)
     else:  # the first-order peers: plain DDP + torch optimizer, for comparison
         model = ray.train.torch.prepare_model(model)
@@ -129,9 +139,14 @@ def train_loop_per_worker(config: dict) -> None:
         ckpt = Checkpoint.from_directory(config["resume_from"])
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = load_state(d, rank, world, cfg.shard_basis)
-        _unwrap(model).load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+            state = load_state(d, rank, world, cfg.shard_basis, fsdp2)
+            if fsdp2:  # every rank reads its shards of the model and the optimizer
+                from .. import checkpoint
+
+                checkpoint.load(d, model, opt)
+        if not fsdp2:
+            _unwrap(model).load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
         if rank == 0 and is_osfn:
             if pipeline is not None:
@@ -179,6 +194,9 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics.observe_exchange(actor_exchange.latencies[-1])
 
         if step % cfg.log_every == 0 or step == steps:
+            # under FSDP2 a forward pass is collective: every rank evaluates
+            test_loss = (workload.evaluate(_unwrap(model)) if (rank == 0 or fsdp2)
+                         and (step % eval_every == 0 or step == steps) else None)
             global_loss = (loss.detach() * weight).reshape(1).to(torch.float64)
             if world > 1:
                 dist.all_reduce(global_loss)
@@ -188,8 +206,8 @@ def train_loop_per_worker(config: dict) -> None:
                     "step": step, "loss": float(global_loss), "step_seconds": dt,
                     "samples_per_second": x.shape[0] / dt,
                 }
-                if step % eval_every == 0 or step == steps:
-                    record["test_loss"] = workload.evaluate(_unwrap(model))
+                if test_loss is not None:
+                    record["test_loss"] = test_loss
                 for key in LOGGED_DIAGNOSTICS:
                     if key in diag:
                         record[key] = diag[key]
@@ -200,7 +218,7 @@ def train_loop_per_worker(config: dict) -> None:
                 records = []
 
         if step % cfg.checkpoint_every == 0 or step == steps:
-            _checkpoint(step, cfg, rank, world, model, opt, actor, pipeline, last_loss, run_name, Checkpoint)
+            _checkpoint(step, cfg, rank, world, model, opt, actor, pipeline, last_loss, run_name, Checkpoint, fsdp2)
 
     stats = {
         "rank": rank,
@@ -213,10 +231,12 @@ def train_loop_per_worker(config: dict) -> None:
         "optimizer_state_bytes": optimizer_state_bytes(opt),
     }
     ray.get(runlog.worker_done.remote(rank, stats), timeout=60)
+    if rank == 0 or fsdp2:
+        losses = {split: workload.evaluate(_unwrap(model), split) for split in ("train", "test")}
     if rank == 0:
         final = {
-            "final_loss": workload.evaluate(_unwrap(model), "train"),
-            "test_loss": workload.evaluate(_unwrap(model), "test"),
+            "final_loss": losses["train"],
+            "test_loss": losses["test"],
             "final_batch_loss": last_loss,
             "diagnostics": {k: v for k, v in getattr(opt, "diagnostics", {}).items() if k in LOGGED_DIAGNOSTICS},
         }
@@ -230,21 +250,33 @@ def train_loop_per_worker(config: dict) -> None:
         metrics.set_up(False)
 
 
-def _checkpoint(step, cfg, rank, world, model, opt, actor, pipeline, last_loss, run_name, Checkpoint) -> None:
+def _checkpoint(step, cfg, rank, world, model, opt, actor, pipeline, last_loss, run_name, Checkpoint,
+                fsdp2=False) -> None:
     import ray.train
 
     is_osfn = cfg.optimizer.get("name", "osfn") == "osfn"
     with tempfile.TemporaryDirectory(prefix="osfn-ckpt-") as tmp:
         wrote = False
+        model_state = None
+        if fsdp2:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            from .. import checkpoint
+
+            checkpoint.save(tmp, model, opt)  # every rank writes its shards (what a resume reads)
+            # and the whole model for state.pt / the run directory's checkpoint.pt (collective)
+            model_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            wrote = True
         if rank == 0:
             pipeline_state = pipeline.state_dict() if pipeline is not None else None  # drains the pipeline
             actor_state = _actor_call(actor, "state_dict", timeout_s=cfg.actor_timeout_s) if is_osfn else None
             save_leader_state(
-                tmp, step=step, model=_unwrap(model).state_dict(),
-                optimizer=None if cfg.shard_basis else opt.state_dict(),
+                tmp, step=step, model=model_state if fsdp2 else _unwrap(model).state_dict(),
+                optimizer=None if cfg.shard_basis or fsdp2 else opt.state_dict(),
                 actor=actor_state, pipeline=pipeline_state,
                 meta={"run": run_name, "workload": cfg.workload, "world_size": world,
                       "shard_basis": cfg.shard_basis, "staleness": cfg.staleness,
+                      "parallel": cfg.parallel_mode() if is_osfn else "ddp",
                       "optimizer": cfg.optimizer.get("name", "osfn")},
             )
             wrote = True
