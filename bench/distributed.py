@@ -168,6 +168,23 @@ def optimizer_step_ms(size: str, name: str, repeats: int = 10, warmup: int = 20)
         torch.set_num_threads(threads)
 
 
+def _side_by_side_job(job):
+    size, name = job
+    return optimizer_step_ms(size, name)
+
+
+def side_by_side_step_ms(size: str, name: str, workers: int) -> float:
+    """The one-process training step run by ``workers`` processes at once (each one thread,
+    its own share of the batch, no communication): what the workers' compute costs when they
+    share this machine's cores as the Ray workers do. Against it the distributed overhead is
+    communication, the actor and the framework, not core contention. The slowest process's
+    median."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(workers) as pool:
+        return max(whole for _, whole in pool.map(_side_by_side_job, [(size, name)] * workers))
+
+
 def _mib(x) -> str:
     return f"{x / 2**20:.1f}"
 
@@ -178,16 +195,17 @@ def table(results: dict, steps: int, workers: int, alone: dict) -> str:
         "per-worker training step (forward, backward, gradient all-reduce, optimizer, actor exchange); "
         "One-process step = forward, backward and optimizer on one worker's share of the batch (32) in one "
         "process on one thread, no communication (`opt.step()` alone in brackets); the overhead column is "
-        "the distributed step against it. "
+        "the distributed step against it; `side by side` = that step run by as many processes at once as "
+        "there are workers (the same core contention, no communication), and the overhead against it. "
         "Actor RTT = submit to reply; actor wait = time a worker is blocked on it (pipelining hides the "
         "round trip behind the next forward/backward). Bytes = pickled Report + DirectionUpdate per step. "
         "`own loop` rows: the recipe `osfn_dist/recipes/ray_train_loop.py` (OSFN on DDP's or FSDP2's "
         "gradients, the same actor); their step time and state are rank 0's.",
         "",
         "| D | optimizer | step ms | throughput vs DDP+AdamW | one-process step ms (opt.step() alone) "
-        "| distributed overhead vs one process | actor RTT median / p99 ms "
+        "| distributed overhead vs one process | side by side ms (overhead) | actor RTT median / p99 ms "
         "| actor wait median ms | actor bytes/step (to + from) | optimizer state per worker MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for size, runs in results.items():
         base = runs.get("adamw (DDP)")
@@ -208,7 +226,8 @@ def table(results: dict, steps: int, workers: int, alone: dict) -> str:
             ref = alone.get((size, "osfn" if s["optimizer"] == "osfn-own" else s["optimizer"]))
             one = f"{ref[1]:.1f} ({ref[0]:.1f})" if ref is not None else "-"
             overhead = f"{100 * (ms / ref[1] - 1):+.0f}%" if ref is not None else "-"
-            lines.append(f"| {_params(size) / 1e6:.2f}M | {variant} | {ms:.1f} | {ratio} | {one} | {overhead} | {rtt} "
+            both = f"{ref[2]:.1f} ({100 * (ms / ref[2] - 1):+.0f}%)" if ref is not None else "-"
+            lines.append(f"| {_params(size) / 1e6:.2f}M | {variant} | {ms:.1f} | {ratio} | {one} | {overhead} | {both} | {rtt} "
                          f"| {wait} | {traffic} | {mem} |")
     return "\n".join(lines)
 
@@ -238,7 +257,8 @@ def main(argv=None) -> int:
                 results[size][variant] = run_one(size, variant, args.steps, Path(args.run_dir), args.workers)
     finally:
         ray.shutdown()
-    alone = {(size, name): optimizer_step_ms(size, name) for size in args.sizes for name in ("osfn", "adamw")}
+    alone = {(size, name): (*optimizer_step_ms(size, name), side_by_side_step_ms(size, name, args.workers))
+             for size in args.sizes for name in ("osfn", "adamw")}
     body = table(results, args.steps, args.workers, alone)
     header = (
         "# Distributed benchmark: OSFN on Ray Train vs DDP + AdamW\n\n"
