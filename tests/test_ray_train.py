@@ -72,6 +72,9 @@ def test_two_ray_workers_match_the_single_process_run(base_run, tmp_path):
     assert summary["actor"]["step"] == STEPS and summary["restarts"] == []
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "curvature.png", "checkpoint.pt"):
         assert (run_dir / name).exists(), name
+    import yaml
+
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["parallel"] == "ddp"  # resolved, not null
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["num_workers"] == 2 and "actor_bytes_per_step" in on_disk
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -81,7 +81,7 @@ def train_ray(cfg: TrainConfig, show_progress: bool = True, *, step_hook=None, v
     run = RunDir(cfg.run_dir or default_run_dir(workload.name))
     run_name = f"{run.path.name}-{uuid.uuid4().hex[:6]}"
     storage = cfg.storage_path or str((run.path / "ray").resolve())
-    run.write_config(resolved_config(cfg, backend="ray", steps=steps, batch_size=batch, run_dir=str(run.path),
+    run.write_config(resolved_config(cfg, backend="ray", parallel=cfg.parallel_mode(), steps=steps, batch_size=batch, run_dir=str(run.path),
                                      storage_path=storage, resume_from=str(resume) if resume else None))
 
     started = _connect(cfg, verbose)
