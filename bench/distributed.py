@@ -168,11 +168,6 @@ def optimizer_step_ms(size: str, name: str, repeats: int = 10, warmup: int = 20)
         torch.set_num_threads(threads)
 
 
-def _side_by_side_job(job):
-    size, name = job
-    return optimizer_step_ms(size, name)
-
-
 def side_by_side_step_ms(size: str, name: str, workers: int) -> float:
     """The one-process training step run by ``workers`` processes at once (each one thread,
     its own share of the batch, no communication): what the workers' compute costs when they
@@ -182,7 +177,7 @@ def side_by_side_step_ms(size: str, name: str, workers: int) -> float:
     import multiprocessing as mp
 
     with mp.get_context("spawn").Pool(workers) as pool:
-        return max(whole for _, whole in pool.map(_side_by_side_job, [(size, name)] * workers))
+        return max(whole for _, whole in pool.starmap(optimizer_step_ms, [(size, name)] * workers))
 
 
 def _mib(x) -> str:

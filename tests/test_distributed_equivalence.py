@@ -158,10 +158,9 @@ def _noise_phase(rank, world, mode, steps=30):
         opt = OSFN(net.parameters(), exchange=LeaderExchange(inner), **hyper)
         if mode == "ddp_watch":
             opt.watch_ddp(net)
-    lazy_steps = 0
+    lazy_steps, eye = 0, torch.eye(HYPER["subspace_dim"], dtype=torch.float64)
     for i in range(steps):  # one step at a time: count the steps that leave a rotation R != I pending
         _train_my_half(workload, net, opt, rank, world, i, i + 1)
-        eye = torch.eye(HYPER["subspace_dim"], dtype=torch.float64)
         lazy_steps += opt._pending is not None and not torch.allclose(opt._pending.double(), eye)
     return _flat(model), inner.worker_coords if inner is not None else None, lazy_steps
 

@@ -60,15 +60,13 @@ def shard_every_linear(model: torch.nn.Module, mesh) -> torch.nn.Module:
     return fully_shard(model, mesh=mesh)
 
 
-PARALLEL = ("ddp", "fsdp2", "gradient_sync")
-
-
 def parallelize(model: torch.nn.Module, parallel: str, world: int) -> torch.nn.Module:
     """``model`` made data parallel as ``parallel`` says, inside a Ray Train worker:
     ``"ddp"`` (``ray.train.torch.prepare_model``: gradients averaged overlapped with
     backward), ``"fsdp2"`` (``shard_every_linear`` over all ranks: parameters and V sharded),
     or ``"gradient_sync"`` (unchanged: OSFN's own ``GradientSync`` averages after backward)."""
     from ..core.errors import ConfigError
+    from ..train.config import PARALLEL
 
     if parallel not in PARALLEL:
         raise ConfigError(f"parallel={parallel!r}: must be one of {PARALLEL}")
@@ -88,13 +86,11 @@ def osfn_for(model: torch.nn.Module, parallel: str, exchange, **hyper):
     communication hook also gives the service every worker's own projection (``watch_ddp``);
     with ``"gradient_sync"`` OSFN averages the gradients itself (``shard_basis=True`` is
     allowed only there)."""
-    from ..core.errors import ConfigError
     from ..dataflow.distributed import GradientSync
     from ..optimizer import OSFN
+    from ..train.config import check_parallel
 
-    if hyper.get("shard_basis") and parallel != "gradient_sync":
-        raise ConfigError(f"shard_basis needs parallel='gradient_sync' (this run has {parallel!r}); "
-                          "parallel='fsdp2' shards V with the parameters instead")
+    check_parallel(parallel, bool(hyper.get("shard_basis")))
     if parallel == "gradient_sync":
         hyper["gradient_sync"] = GradientSync()
     opt = OSFN(model.parameters(), exchange=exchange, **hyper)

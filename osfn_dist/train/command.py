@@ -7,6 +7,7 @@ import os
 import sys
 
 from ..core.errors import ConfigError, OSFNError
+from .config import PARALLEL
 
 
 def _epilog() -> str:
@@ -50,7 +51,7 @@ def register(subparsers) -> None:
         help="shard the subspace basis across workers (each keeps its slice's rows)",
     )
     p.add_argument(
-        "--parallel", choices=("ddp", "fsdp2", "gradient_sync"),
+        "--parallel", choices=PARALLEL,
         help="how OSFN's workers share gradients: ddp (default; averaged overlapped with backward), "
              "fsdp2 (parameters and V sharded), gradient_sync (OSFN's own all-reduce; needed by --shard-basis)",
     )

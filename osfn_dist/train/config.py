@@ -8,6 +8,15 @@ from ..core.config import OSFNConfig
 from ..core.errors import ConfigError
 
 OPTIMIZER_NAMES = ("osfn", "adamw", "sgd")
+# how OSFN's Ray Train workers are data parallel (osfn_dist.recipes.ray_train_loop.parallelize)
+PARALLEL = ("ddp", "fsdp2", "gradient_sync")
+
+
+def check_parallel(parallel: str | None, shard_basis: bool) -> None:
+    """A sharded basis exists only on OSFN's own GradientSync path."""
+    if shard_basis and parallel not in (None, "gradient_sync"):
+        raise ConfigError(f"shard_basis needs parallel='gradient_sync' (this run has {parallel!r}); "
+                          "parallel='fsdp2' shards V with the parameters instead")
 
 
 def default_backend() -> str:
@@ -100,11 +109,9 @@ class TrainConfig:
             bad("staleness", "0 (exact) or 1 (pipelined, one step stale)")
         if not isinstance(self.shard_basis, bool):
             bad("shard_basis", "true or false")
-        if self.parallel not in (None, "ddp", "fsdp2", "gradient_sync"):
-            bad("parallel", "'ddp', 'fsdp2' or 'gradient_sync' (or unset)")
-        if self.shard_basis and self.parallel not in (None, "gradient_sync"):
-            raise ConfigError(f"shard_basis needs parallel='gradient_sync' (this config has {self.parallel!r}); "
-                              "parallel='fsdp2' shards V with the parameters instead")
+        if self.parallel is not None and self.parallel not in PARALLEL:
+            bad("parallel", f"one of {PARALLEL} (or unset)")
+        check_parallel(self.parallel, self.shard_basis)
         if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
             bad("keep_checkpoints", "an int >= 1")
         for name in ("max_failures", "actor_max_restarts"):
