@@ -94,6 +94,7 @@ def main(argv=None) -> int:
         "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
         "AdamW (fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
         f"OSFN d={args.d}": lambda ps: OSFN(ps, lr=1e-3, subspace_dim=args.d),
+        f"OSFN d={args.d}, eager torch passes": lambda ps: OSFN(ps, lr=1e-3, subspace_dim=args.d, kernels="eager"),
         f"OSFN d={args.d} over fused AdamW": lambda ps: OSFN(base=torch.optim.AdamW(ps, lr=1e-3, fused=True),
                                                             subspace_dim=args.d),
         f"OSFN d={args.d} over fused AdamW, compiled kernels": lambda ps: OSFN(

@@ -315,7 +315,7 @@ class OSFN(Optimizer):
         then, every-step rotations are composed in d × d (``lazy`` in ``_curvature_step``)."""
         if self._pending is not None:
             if self._basis is not None:
-                right_multiply_(self._basis, self._pending)
+                right_multiply_(self._basis, self._pending, native=self.param_groups[0]["kernels"] == "auto")
             self._pending = None
 
     def _ensure_basis(self, params) -> torch.Tensor:
@@ -601,7 +601,7 @@ class OSFN(Optimizer):
                 source=source, prev_step_coords=self._prev_step_coords,
                 drift=drift, layout=layout, exact_residual=exact,
                 settings={k: getattr(self.config, k) for k in FIXED_SETTINGS}, pair=pair if in_pair else None,
-                coords_map=self._pending,
+                coords_map=self._pending, native=self.param_groups[0]["kernels"] == "auto",
             )
         # exchange (before anything moves: a refused or lost update leaves θ and the base untouched)
         with _phase("osfn.exchange"):
@@ -621,9 +621,11 @@ class OSFN(Optimizer):
             source_coords = coords if report.source_coords is None else report.source_coords.to(basis.device, basis.dtype)
             fused = residual is None and keep == 1.0 and not measure and not compiled
             if fused:  # the move, Vᵀp, rᵀΔθ and V ← V A + r cᵀ in one read and one write of V
-                move, step_coords, self._residual_step_dot, self._basis, self._pending = move_and_update(
-                    basis, disp_z, update.step_coef, update, source, source_coords, pending=self._pending, lazy=lazy)
+                move, step_coords, self._residual_step_dot, self._basis, self._pending, sq_norms = move_and_update(
+                    basis, disp_z, update.step_coef, update, source, source_coords, pending=self._pending, lazy=lazy,
+                    native=self.param_groups[0]["kernels"] == "auto")
             else:  # Vᵀp, then V·coef and the residual in one pass
+                sq_norms = None
                 self._fold()  # (a no-op: only the fused path leaves a rotation pending)
                 move, step_coords, residual = newton_move(
                     basis, disp_z, residual, update.step_coef, keep, layout,
@@ -651,10 +653,14 @@ class OSFN(Optimizer):
             with _phase("osfn.basis_update"):  # V ← V A + r cᵀ, re-orthonormalised on a cadence
                 self._basis = update_basis(basis, residual, update, layout)
         self._basis_version = update.new_version
+        if sq_norms is not None and sigma is None:  # ‖p‖² and ‖Δθ‖², summed in the one pass over V
+            disp_norm, step_norm = sq_norms.clamp_min(0).sqrt().tolist()
+        else:
+            disp_norm, step_norm = float(torch.linalg.vector_norm(disp)), float(torch.linalg.vector_norm(applied))
         self._last = {
             **update.diagnostics,
-            "complement_step_norm": float(torch.linalg.vector_norm(disp)),
-            "step_norm": float(torch.linalg.vector_norm(applied)),
+            "complement_step_norm": disp_norm,
+            "step_norm": step_norm,
             "skipped_steps": self._skipped,
         }
 

@@ -207,7 +207,7 @@ def test_fused_move_and_update_equals_the_composition(rotate, rank1, reorth, laz
         move_ref, coords_ref, residual = newton_move(ref_basis, p, None, update.step_coef, 1.0, source=u, source_coords=a)
         dot_ref = float(residual @ (move_ref - p))
         ref_basis = update_basis(ref_basis, residual, update)
-        move, coords, dot, basis, pending = move_and_update(basis, p, update.step_coef, update, u, a,
+        move, coords, dot, basis, pending, _ = move_and_update(basis, p, update.step_coef, update, u, a,
                                                             pending=pending, lazy=lazy)
         torch.testing.assert_close(move, move_ref, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(coords, coords_ref, rtol=1e-9, atol=1e-12)

@@ -35,7 +35,8 @@ def flat(model):
 @pytest.mark.parametrize(
     "reference, kwargs",
     [
-        (lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False), dict(complement="adamw", weight_decay=0.1)),
+        # the default base is torch's fused AdamW where it applies (plain CPU/CUDA tensors)
+        (lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True), dict(complement="adamw", weight_decay=0.1)),
         (lambda ps: torch.optim.SGD(ps, lr=1e-2, foreach=False), dict(complement="sgd")),
         (lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, foreach=False), dict(complement="momentum")),
         (

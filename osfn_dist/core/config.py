@@ -18,7 +18,7 @@ SUBSPACE_RULES = ("oja", "replace", "oja+replace", "curvature")
 SUBSPACE_SOURCES = ("gradient", "momentum", "innovation")
 EIGEN_METHODS = ("qr", "eigh")
 NONFINITE_POLICIES = ("skip", "raise")
-KERNELS = ("eager", "compiled")
+KERNELS = ("auto", "eager", "compiled")
 COORDINATES = ("parameters", "preconditioned")
 # the fields that configure the default base optimizer (and nothing else)
 COMPLEMENT_FIELDS = ("lr", "complement", "momentum", "betas", "eps", "weight_decay", "aux_lr")
@@ -59,9 +59,10 @@ class OSFNConfig:
     eigen_method: str = "qr"
     noise_damping: bool = True
     nonfinite: str = "skip"
-    # "compiled": fused torch.compile kernels for D-sized passes over V (core.kernels; compiles
-    # once per model size, worth it on large models); "eager": plain torch ops
-    kernels: str = "eager"
+    # "auto": the native C passes over V on the CPU (core.native: built once per machine with
+    # the system compiler; float32), plain torch ops elsewhere; "eager": plain torch ops
+    # everywhere; "compiled": torch.compile kernels for the two-pass path (core.kernels)
+    kernels: str = "auto"
     # "preconditioned": the subspace, its regression and the Newton step live in the base's
     # preconditioned coordinates z = P^½ θ (P = √v̂ + ε from an Adam/AdamW base's second
     # moments), where that base is plain momentum SGD and its stability is set by

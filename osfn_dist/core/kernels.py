@@ -10,8 +10,9 @@ Tried and not used, because Inductor's code was not faster than eager BLAS here:
 Vᵀu together (compiled 1.42–1.55 ms vs the eager pair GEMM 1.45–1.57 ms), and the rotation
 V m + r cᵀ (compiled in place 16–18 ms vs the eager slice-by-slice GEMM 4.2–4.4 ms).
 
-``OSFN(..., kernels="compiled")`` turns it on (``"eager"``, the default, never compiles; the
-first call compiles for a few seconds per model size).
+``OSFN(..., kernels="compiled")`` turns it on (the first call compiles for a few seconds per
+model size). The default, ``"auto"``, uses the one-pass C loops of ``core.native`` on the CPU
+instead (faster than this kernel there) and plain torch elsewhere.
 """
 from __future__ import annotations
 

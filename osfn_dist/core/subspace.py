@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from . import native as native_kernels
+
 
 def new_basis(rows: int, d: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """An empty basis V (rows, d) stored direction-major: the (d, rows) transpose is the
@@ -25,13 +27,18 @@ def project(basis: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
     return basis.T @ vec.to(basis.dtype)
 
 
-def right_multiply_(basis: torch.Tensor, m: torch.Tensor, rank1: tuple | None = None) -> torch.Tensor:
+def right_multiply_(basis: torch.Tensor, m: torch.Tensor, rank1: tuple | None = None, native: bool = False) -> torch.Tensor:
     """V ← V m in place, for a direction-major V (D, d) and m (d, d), slice by slice through a
     scratch of at most 1/64 of V. A fresh (d, D) result would cost a second basis in memory
     at the peak and, on CPU, page faults on every call: the in-place form was 2.2× faster at
     1M parameters (bench/step_time.py). ``rank1`` = (c (d,), r (D,)) adds r cᵀ to each slice
-    while it is in the scratch, so V m + r cᵀ costs one read and one write of V, not two."""
+    while it is in the scratch, so V m + r cᵀ costs one read and one write of V, not two.
+    ``native``: the C loop of ``core.native`` where it applies (float32 on the CPU)."""
     vt = basis.T  # (d, D), contiguous
+    if native and vt.numel() and native_kernels.usable(vt, None if rank1 is None else rank1[1]):
+        c, r = (None, None) if rank1 is None else (rank1[0].to(vt.dtype), rank1[1])
+        native_kernels.right_multiply_(vt, m.detach().to("cpu"), c, r)
+        return basis
     m_t = m.to(device=vt.device, dtype=vt.dtype).T.contiguous()
     add = None
     if rank1 is not None:  # V m + r cᵀ: (d, 1) and (1, D) factors of the transpose's rank-1 term
@@ -73,7 +80,7 @@ def _chunk_columns(d: int, total: int, itemsize: int, budget: int = 1 << 20, dev
 
 def move_and_update_(
     basis: torch.Tensor, coef: torch.Tensor, a: torch.Tensor, u: torch.Tensor, p: torch.Tensor,
-    rotation: torch.Tensor | None, c: torch.Tensor | None,
+    rotation: torch.Tensor | None, c: torch.Tensor | None, native: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The apply hop's D-sized work in one read and one write of V (replicated basis):
     slice by slice, while the slice is in cache,
@@ -81,17 +88,24 @@ def move_and_update_(
         q += V_sᵀ p_s;  move_s = V_s coef;  r_s = u_s − V_s a;  dot += r_sᵀ (move_s − p_s)
         V_s ← V_s A + r_s cᵀ                     (only if A or c is given)
 
-    Returns (move = V coef (D,), q = Vᵀp with the V before the update (d,), rᵀ(move − p));
-    r itself is never stored. The composition this fuses — Vᵀp, then V·coef and
-    r = u − V a, then ``apply_basis_update`` — reads V three to five times."""
+    Returns (move = V coef (D,), q = Vᵀp with the V before the update (d,), the sums
+    [rᵀ(move − p), ‖p‖², ‖move − p‖²] (3,)); r itself is never stored. The composition this fuses — Vᵀp, then V·coef and
+    r = u − V a, then ``apply_basis_update`` — reads V three to five times. ``native``
+    (no rotation, float32 on the CPU): one C loop (``core.native``) instead of the slices'
+    several BLAS calls each."""
     vt = basis.T  # (d, D), contiguous
     d, total = vt.shape
     dtype, dev = vt.dtype, vt.device
+    if native and rotation is None and d and total and native_kernels.usable(vt, u, p):
+        f32 = lambda x: None if x is None else x.detach().to("cpu", torch.float32)  # noqa: E731
+        move, q, sums = native_kernels.move_and_update_(vt, f32(coef), f32(a), u, p, f32(c))
+        return move, q.to(dtype), sums.to(dtype)
     move = torch.empty(total, dtype=dtype, device=dev)
     q = torch.zeros(d, dtype=dtype, device=dev)
     dot = torch.zeros((), dtype=dtype, device=dev)
     if d == 0 or total == 0:
-        return move.zero_(), q, dot
+        move.zero_()
+        return move, q, torch.stack([dot, p.to(dtype) @ p.to(dtype), p.to(dtype) @ p.to(dtype)])
     both = torch.stack([coef, a]).to(device=dev, dtype=dtype)  # (2, d)
     m_t = None if rotation is None else rotation.to(device=dev, dtype=dtype).T.contiguous()
     c_col = None if c is None else c.to(device=dev, dtype=dtype).unsqueeze(1)
@@ -115,7 +129,8 @@ def move_and_update_(
             block.copy_(scratch[:, :n])
         elif c_col is not None:
             block.addmm_(c_col, r_s.unsqueeze(0))
-    return move, q, dot
+    p = p.to(dtype)
+    return move, q, torch.stack([dot, p @ p, torch.dist(move, p).square()])
 
 
 def apply_basis_update(
@@ -141,14 +156,16 @@ def apply_basis_update(
     return basis
 
 
-def cholesky_qr2(basis: torch.Tensor, alive: torch.Tensor | None = None, allreduce=None, qr=None) -> torch.Tensor:
+def cholesky_qr2(basis: torch.Tensor, alive: torch.Tensor | None = None, allreduce=None, qr=None,
+                 native: bool = False) -> torch.Tensor:
     """Re-orthonormalise V (D, d) by CholeskyQR, twice for accuracy.
 
     Tall-skinny ``torch.linalg.qr`` is pathologically slow on GPUs (ENVIRONMENT.md); the
     Gram matrix route costs one D×d² product and a d×d Cholesky (done in float64).
     Columns not ``alive`` (still empty) are left at zero. For a basis whose rows are spread
     over workers, ``allreduce`` sums the Gram matrix across them and ``qr`` is the
-    distributed QR fallback (TSQR, see dataflow.shard).
+    distributed QR fallback (TSQR, see dataflow.shard). ``native``: the multiplications by
+    the triangular factor in the C loop of ``core.native`` (float32 on the CPU).
     """
     d = basis.shape[1]
     if d == 0:
@@ -160,7 +177,10 @@ def cholesky_qr2(basis: torch.Tensor, alive: torch.Tensor | None = None, allredu
     everything = cols.numel() == d
     sub = as_basis_layout(basis) if everything else basis.index_select(1, cols)
     for _ in range(2):
-        gram = (sub.T @ sub).to(torch.float64)
+        if native and native_kernels.usable(sub.T):  # one read of V; BLAS's (d, D)×(D, d) costs ~4
+            gram = native_kernels.gram(sub.T).to(sub.device)
+        else:
+            gram = (sub.T @ sub).to(torch.float64)
         if allreduce is not None:
             gram = allreduce(gram)
         try:
@@ -172,7 +192,7 @@ def cholesky_qr2(basis: torch.Tensor, alive: torch.Tensor | None = None, allredu
             break
         eye = torch.eye(len(cols), dtype=torch.float64, device=chol.device)  # on the GPU with V
         inv = torch.linalg.solve_triangular(chol.T, eye, upper=True)
-        sub = right_multiply_(as_basis_layout(sub), inv)
+        sub = right_multiply_(as_basis_layout(sub), inv, native=native)
     if everything:
         return as_basis_layout(sub)
     basis.index_copy_(1, cols, sub)

@@ -50,6 +50,7 @@ def newton_move(
 def move_and_update(
     basis: torch.Tensor, disp: torch.Tensor, step_coef: torch.Tensor, update: DirectionUpdate,
     source: torch.Tensor, source_coords: torch.Tensor, pending: torch.Tensor | None = None, lazy: bool = False,
+    native: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor | None]:
     """``newton_move`` and ``update_basis`` in one read and one write of V, for a replicated
     basis whose residual was left to this hop and π = 1 (the base keeps its whole step, so
@@ -59,28 +60,29 @@ def move_and_update(
     step's rotation A into R (R ← R A, d × d work) instead of multiplying V by it (a
     D × d² product, the costliest part of the pass on CPU); the rank-1 term is then added to
     the stored V as r ((R A)⁻ᵀ c)ᵀ, so that V R A + r cᵀ is the basis the service expects.
-    A re-orthonormalisation step applies R first.
+    A re-orthonormalisation step applies R first. ``native``: the passes over V in the C
+    loops of ``core.native`` where they apply (float32 on the CPU).
 
     Returns (the move V s, VᵀΔθ = s − Vᵀp, rᵀΔθ for the step Δθ = move − p, the updated
-    stored basis, the pending R after the step)."""
+    stored basis, the pending R after the step, [‖p‖², ‖Δθ‖²] as a (2,) tensor)."""
     dev, dtype = basis.device, basis.dtype
     s = step_coef.to(device=dev, dtype=dtype)
     a = source_coords.to(dev, dtype)
     rotation = update.rotation.to(dev) if update.rotation is not None else None
     coef = update.residual_coef.to(dev) if update.residual_coef is not None else None
     if pending is None and not lazy:
-        move, q, dot = move_and_update_(basis, s, a, source, disp, rotation, coef)
-        return move, s - q, float(dot), _reorthonormalize(basis, update, REPLICATED), None
+        move, q, sums = move_and_update_(basis, s, a, source, disp, rotation, coef, native=native)
+        return move, s - q, float(sums[0]), _reorthonormalize(basis, update, REPLICATED, native), None, sums[1:]
     r = torch.eye(s.numel(), dtype=torch.float64, device=dev) if pending is None else pending
     ra = r if rotation is None else r @ rotation.to(torch.float64)
     stored_coef = None if coef is None else torch.linalg.solve(ra.T, coef.to(torch.float64))
-    move, q_stored, dot = move_and_update_(basis, (r @ s.double()).to(dtype), (r @ a.double()).to(dtype),
-                                           source, disp, None, stored_coef)
+    move, q_stored, sums = move_and_update_(basis, (r @ s.double()).to(dtype), (r @ a.double()).to(dtype),
+                                           source, disp, None, stored_coef, native=native)
     q = (r.T @ q_stored.double()).to(dtype)
     if update.reorthonormalize:
-        right_multiply_(basis, ra)
-        return move, s - q, float(dot), _reorthonormalize(basis, update, REPLICATED), None
-    return move, s - q, float(dot), basis, ra
+        right_multiply_(basis, ra, native=native)
+        return move, s - q, float(sums[0]), _reorthonormalize(basis, update, REPLICATED, native), None, sums[1:]
+    return move, s - q, float(sums[0]), basis, ra, sums[1:]
 
 
 def update_basis(basis: torch.Tensor, residual: torch.Tensor, update: DirectionUpdate, layout=REPLICATED) -> torch.Tensor:
@@ -90,10 +92,11 @@ def update_basis(basis: torch.Tensor, residual: torch.Tensor, update: DirectionU
     return _reorthonormalize(apply_basis_update(basis, residual, rotation, coef), update, layout)
 
 
-def _reorthonormalize(basis: torch.Tensor, update: DirectionUpdate, layout) -> torch.Tensor:
+def _reorthonormalize(basis: torch.Tensor, update: DirectionUpdate, layout, native: bool = False) -> torch.Tensor:
     if update.reorthonormalize:
         # rows spread over workers (sharded): column norms and Gram matrix are all-reduced
-        basis = cholesky_qr2(basis, layout.column_norms(basis) > 0.5, allreduce=layout.allreduce, qr=layout.tsqr)
+        basis = cholesky_qr2(basis, layout.column_norms(basis) > 0.5, allreduce=layout.allreduce, qr=layout.tsqr,
+                             native=native)
     return basis
 
 

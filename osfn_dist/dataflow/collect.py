@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core import native as native_kernels
 from ..core.subspace import project, project_pair
 from .messages import Report
 from .shard import REPLICATED, local, param_slices
@@ -35,6 +36,7 @@ def build_report(
     settings: dict | None = None,
     pair: torch.Tensor | None = None,
     coords_map: torch.Tensor | None = None,
+    native: bool = False,
 ) -> tuple[Report, torch.Tensor, torch.Tensor | None]:
     """Returns the report, y = Vᵀg and the residual r = u − V Vᵀu of the vector u the
     subspace turns toward (``source``; default the gradient). y and r stay on the worker's
@@ -45,8 +47,16 @@ def build_report(
     norm while directions are still being filled. ``pair``: a (2, D) tensor whose rows are
     ``grad`` and ``source``, so both projections take one pass over V. ``coords_map`` R
     (d, d): the basis is ``basis`` R (a rotation not yet applied to V; replicated basis
-    without the exact residual only): every projection is mapped by Rᵀ."""
-    if not layout.sharded and not exact_residual:
+    without the exact residual only): every projection is mapped by Rᵀ. ``native``: both
+    projections and both squared norms in one C loop over V (``core.native``, float32 CPU)."""
+    sqnorms = None
+    if not layout.sharded and not exact_residual and native and native_kernels.usable(basis.T, grad, source):
+        both, sqnorms = native_kernels.project_pair(basis.T, grad, source)
+        both = both.to(basis.dtype)
+        coords, src_coords, residual = both[0], both[0] if source is None else both[1], None
+        if coords_map is not None:
+            coords, src_coords = _mapped(coords_map, coords), _mapped(coords_map, src_coords)
+    elif not layout.sharded and not exact_residual:
         # the residual is formed after the exchange (apply.newton_move) and its norm derived
         # as ‖u‖² − ‖Vᵀu‖². When g and u are the two rows of one (2, D) buffer, both
         # projections take one pass over V.
@@ -74,9 +84,9 @@ def build_report(
         step=step,
         basis_version=basis_version,
         grad_coords=coords.detach().to("cpu", torch.float64),
-        grad_sqnorm=layout.sqnorm(grad),
+        grad_sqnorm=layout.sqnorm(grad) if sqnorms is None else float(sqnorms[0]),
         source_coords=None if source is None else src_coords.detach().to("cpu", torch.float64),
-        source_sqnorm=None if source is None else layout.sqnorm(source),
+        source_sqnorm=None if source is None else layout.sqnorm(source) if sqnorms is None else float(sqnorms[1]),
         residual_sqnorm=(
             None if residual is None
             else layout.dot(residual, residual)

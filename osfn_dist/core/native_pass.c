@@ -1,0 +1,201 @@
+/* OSFN's D-sized passes over the basis V on CPU, one read (and one write) of V each.
+ *
+ * Built on first use by osfn_dist/core/native.py (cc -O3 -march=native -fopenmp) and called
+ * through ctypes on float32 tensors. V is stored direction-major: vt is the contiguous (d, D)
+ * transpose, row i = direction i. Columns are processed in blocks of BLOCK, so a block of V
+ * (d x BLOCK floats) stays in L1 while every product uses it. Reductions: float within a
+ * block, double across blocks, per thread in a fixed slot and summed in thread order, so the
+ * result is the same on every call with the same thread count.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define BLOCK 1024
+#define SMALL_BLOCK 256 /* d x 256 floats (8 KiB at d = 8) stay in L1 while d^2 products use them */
+
+/* out[k] = sum over threads t of parts[t * width + k], in thread order (deterministic) */
+static void sum_parts(const double *parts, int nthreads, int64_t width, double *out) {
+    for (int64_t k = 0; k < width; k++) {
+        double acc = 0.0;
+        for (int t = 0; t < nthreads; t++) acc += parts[(int64_t)t * width + k];
+        out[k] = acc;
+    }
+}
+
+static int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* move = V coef;  r = u - V a;  q = V^T p;  then, if c is given, V <- V + r c^T (r is never
+ * stored).  dots_out[0..2] = r^T (move - p), |p|^2, |move - p|^2.
+ * q_parts: nthreads * d doubles of scratch; dot_parts: nthreads * 3. */
+void osfn_move_update(float *vt, int64_t d, int64_t D, const float *coef, const float *a,
+                      const float *u, const float *p, const float *c, float *move,
+                      double *q_out, double *dots_out, int nthreads, double *q_parts,
+                      double *dot_parts) {
+    for (int64_t t = 0; t < (int64_t)nthreads * d; t++) q_parts[t] = 0.0;
+    for (int t = 0; t < 3 * nthreads; t++) dot_parts[t] = 0.0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int tid = thread_id();
+        double *q_loc = q_parts + (int64_t)tid * d;
+        double dot_loc = 0.0, pp_loc = 0.0, ss_loc = 0.0;
+        float m[BLOCK], l[BLOCK];
+#pragma omp for schedule(static)
+        for (int64_t s = 0; s < D; s += BLOCK) {
+            int64_t n = D - s < BLOCK ? D - s : BLOCK;
+            const float *ps = p + s, *us = u + s;
+            for (int64_t j = 0; j < n; j++) { m[j] = 0.f; l[j] = 0.f; }
+            for (int64_t i = 0; i < d; i++) {
+                const float *row = vt + i * D + s;
+                float ci = coef[i], ai = a[i], acc = 0.f;
+                for (int64_t j = 0; j < n; j++) {
+                    float v = row[j];
+                    m[j] += ci * v;
+                    l[j] += ai * v;
+                    acc += v * ps[j];
+                }
+                q_loc[i] += acc;
+            }
+            float dacc = 0.f, pacc = 0.f, sacc = 0.f;
+            for (int64_t j = 0; j < n; j++) {
+                float r = us[j] - l[j], step = m[j] - ps[j];
+                l[j] = r;
+                dacc += r * step;
+                pacc += ps[j] * ps[j];
+                sacc += step * step;
+                move[s + j] = m[j];
+            }
+            dot_loc += dacc;
+            pp_loc += pacc;
+            ss_loc += sacc;
+            if (c) {
+                for (int64_t i = 0; i < d; i++) {
+                    float *row = vt + i * D + s;
+                    float ci = c[i];
+                    for (int64_t j = 0; j < n; j++) row[j] += ci * l[j];
+                }
+            }
+        }
+        dot_parts[3 * tid] = dot_loc;
+        dot_parts[3 * tid + 1] = pp_loc;
+        dot_parts[3 * tid + 2] = ss_loc;
+    }
+    sum_parts(q_parts, nthreads, d, q_out);
+    sum_parts(dot_parts, nthreads, 3, dots_out);
+}
+
+/* q_g = V^T g, q_u = V^T u (u may be NULL) and |g|^2, |u|^2, in one read of V.
+ * out: 2d + 2 doubles (q_g, q_u, |g|^2, |u|^2). parts: nthreads * (2d + 2) doubles. */
+void osfn_project_pair(const float *vt, int64_t d, int64_t D, const float *g, const float *u,
+                       double *out, int nthreads, double *parts) {
+    int64_t w = 2 * d + 2;
+    for (int64_t t = 0; t < (int64_t)nthreads * w; t++) parts[t] = 0.0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        double *loc = parts + (int64_t)thread_id() * w;
+#pragma omp for schedule(static)
+        for (int64_t s = 0; s < D; s += BLOCK) {
+            int64_t n = D - s < BLOCK ? D - s : BLOCK;
+            const float *gs = g + s, *us = u ? u + s : NULL;
+            for (int64_t i = 0; i < d; i++) {
+                const float *row = vt + i * D + s;
+                float ag = 0.f, au = 0.f;
+                if (us) {
+                    for (int64_t j = 0; j < n; j++) { ag += row[j] * gs[j]; au += row[j] * us[j]; }
+                } else {
+                    for (int64_t j = 0; j < n; j++) ag += row[j] * gs[j];
+                }
+                loc[i] += ag;
+                loc[d + i] += au;
+            }
+            float sg = 0.f, su = 0.f;
+            for (int64_t j = 0; j < n; j++) sg += gs[j] * gs[j];
+            if (us) for (int64_t j = 0; j < n; j++) su += us[j] * us[j];
+            loc[2 * d] += sg;
+            loc[2 * d + 1] += su;
+        }
+    }
+    sum_parts(parts, nthreads, w, out);
+}
+
+/* G = V^T V (d x d, row-major, doubles), one read of V. parts: nthreads * d * d doubles. */
+void osfn_gram(const float *vt, int64_t d, int64_t D, double *gram, int nthreads, double *parts) {
+    for (int64_t t = 0; t < (int64_t)nthreads * d * d; t++) parts[t] = 0.0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        double *loc = parts + (int64_t)thread_id() * d * d;
+#pragma omp for schedule(static)
+        for (int64_t s = 0; s < D; s += SMALL_BLOCK) {
+            int64_t n = D - s < SMALL_BLOCK ? D - s : SMALL_BLOCK;
+            for (int64_t i = 0; i < d; i++) {
+                const float *ri = vt + i * D + s;
+                for (int64_t k = i; k < d; k++) {
+                    const float *rk = vt + k * D + s;
+                    float acc = 0.f;
+                    for (int64_t j = 0; j < n; j++) acc += ri[j] * rk[j];
+                    loc[i * d + k] += acc;
+                }
+            }
+        }
+    }
+    sum_parts(parts, nthreads, d * d, gram);
+    for (int64_t i = 0; i < d; i++)
+        for (int64_t k = 0; k < i; k++) gram[i * d + k] = gram[k * d + i];
+}
+
+/* V <- V m (+ r c^T if r is given), in place: new row i of vt = sum_k m[k][i] row k (+ c_i r).
+ * m is (d, d4) row-major, its columns padded with zeros to d4 = a multiple of 4.
+ * scratch: nthreads * d * SMALL_BLOCK floats. Eight columns at a time
+ * in vector registers (GCC/Clang vector extension; plain scalar code where there is no SIMD):
+ * d loads, d^2 multiply-adds and d stores per eight columns. */
+typedef float v8 __attribute__((vector_size(32)));
+
+void osfn_right_multiply(float *vt, int64_t d, int64_t D, const float *m, const float *c,
+                         const float *r, int nthreads, float *scratch) {
+    int64_t full = D / 8 * 8, d4 = (d + 3) / 4 * 4;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *buf = scratch + (int64_t)thread_id() * d * SMALL_BLOCK;
+#pragma omp for schedule(static)
+        for (int64_t s = 0; s < full; s += SMALL_BLOCK) {
+            int64_t n = full - s < SMALL_BLOCK ? full - s : SMALL_BLOCK;
+            for (int64_t k = 0; k < d; k++) __builtin_memcpy(buf + k * SMALL_BLOCK, vt + k * D + s, n * sizeof(float));
+            for (int64_t j = 0; j < n; j += 8) {
+                v8 rv = {0};
+                if (r) __builtin_memcpy(&rv, r + s + j, sizeof(v8));
+                /* four output rows at once: four independent multiply-add chains */
+                for (int64_t i = 0; i < d; i += 4) {
+                    v8 acc[4];
+                    for (int t = 0; t < 4; t++) acc[t] = r && i + t < d ? rv * c[i + t] : (v8){0};
+                    for (int64_t k = 0; k < d; k++) {
+                        v8 xk;
+                        __builtin_memcpy(&xk, buf + k * SMALL_BLOCK + j, sizeof(v8));
+                        const float *mk = m + k * d4 + i;  /* m padded to d4 columns */
+                        acc[0] += xk * mk[0];
+                        acc[1] += xk * mk[1];
+                        acc[2] += xk * mk[2];
+                        acc[3] += xk * mk[3];
+                    }
+                    for (int t = 0; t < 4 && i + t < d; t++) __builtin_memcpy(vt + (i + t) * D + s + j, &acc[t], sizeof(v8));
+                }
+            }
+        }
+    }
+    for (int64_t j = full; j < D; j++) {  /* the last D mod 8 columns */
+        float col[256];
+        for (int64_t k = 0; k < d; k++) col[k] = vt[k * D + j];
+        for (int64_t i = 0; i < d; i++) {
+            float acc = r ? c[i] * r[j] : 0.f;
+            for (int64_t k = 0; k < d; k++) acc += col[k] * m[k * d4 + i];
+            vt[i * D + j] = acc;
+        }
+    }
+}

@@ -1,0 +1,150 @@
+"""The native CPU passes over V (core.native): each against a float64 torch reference, with
+sizes that are not multiples of the C loops' blocks; bit-for-bit repeatable; used by the
+optimizer by default; and a missing compiler falls back to torch with a warning."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from osfn_dist.core import native
+from osfn_dist.core.subspace import new_basis
+
+HAS_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
+needs_native = pytest.mark.skipif(not HAS_CC, reason="no C compiler")
+D64 = torch.float64
+
+
+def _basis(rows, d, seed):
+    gen = torch.Generator().manual_seed(seed)
+    basis = new_basis(rows, d)
+    basis.copy_(torch.randn(rows, d, generator=gen) / rows**0.5)
+    return basis, gen
+
+
+def test_the_kernels_build_wherever_there_is_a_compiler():
+    if not HAS_CC:
+        pytest.skip("no C compiler")
+    assert native.available(), native.why_not()
+
+
+@needs_native
+@pytest.mark.parametrize("rows, d, rank1", [(5_003, 8, True), (2_049, 1, False), (3_001, 13, True)])
+def test_move_and_update_matches_the_float64_formula(rows, d, rank1):
+    basis, gen = _basis(rows, d, rows)
+    v = basis.double().clone()
+    coef, a, c = (torch.randn(d, generator=gen) for _ in range(3))
+    u, p = torch.randn(rows, generator=gen), torch.randn(rows, generator=gen)
+    move, q, sums = native.move_and_update_(basis.T, coef, a, u, p, c if rank1 else None)
+    move_ref = v @ coef.double()
+    r = u.double() - v @ a.double()
+    torch.testing.assert_close(move.double(), move_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q, v.T @ p.double(), rtol=1e-5, atol=1e-5)
+    step = move_ref - p.double()
+    torch.testing.assert_close(sums, torch.stack([r @ step, p.double() @ p.double(), step @ step]), rtol=1e-5, atol=1e-4)
+    v_new = v + torch.outer(r, c.double()) if rank1 else v
+    torch.testing.assert_close(basis.double(), v_new, rtol=1e-5, atol=1e-5)
+    assert basis.T.is_contiguous()
+
+
+@needs_native
+@pytest.mark.parametrize("rows, d, rank1", [(4_099, 8, False), (1_029, 5, True), (777, 16, True)])
+def test_right_multiply_matches_the_float64_product(rows, d, rank1):
+    basis, gen = _basis(rows, d, rows)
+    v = basis.double().clone()
+    m = torch.randn(d, d, generator=gen, dtype=D64)
+    c, r = torch.randn(d, generator=gen), torch.randn(rows, generator=gen)
+    native.right_multiply_(basis.T, m, c if rank1 else None, r if rank1 else None)
+    ref = v @ m + (torch.outer(r.double(), c.double()) if rank1 else 0)
+    torch.testing.assert_close(basis.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_project_pair_and_gram_match_torch():
+    rows, d = 6_007, 8
+    basis, gen = _basis(rows, d, 1)
+    v = basis.double()
+    g, u = torch.randn(rows, generator=gen), torch.randn(rows, generator=gen)
+    both, sq = native.project_pair(basis.T, g, u)
+    torch.testing.assert_close(both, torch.stack([v.T @ g.double(), v.T @ u.double()]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sq, torch.stack([g.double() @ g.double(), u.double() @ u.double()]), rtol=1e-5, atol=1e-3)
+    only_g, sq_g = native.project_pair(basis.T, g, None)
+    torch.testing.assert_close(only_g[0], both[0], rtol=1e-5, atol=1e-6)
+    assert float(only_g[1].abs().max()) == 0.0 and float(sq_g[1]) == 0.0
+    torch.testing.assert_close(native.gram(basis.T), v.T @ v, rtol=1e-5, atol=1e-6)
+
+
+@needs_native
+def test_the_passes_repeat_bit_for_bit():
+    basis, gen = _basis(50_001, 8, 2)
+    coef, a = torch.randn(8, generator=gen), torch.randn(8, generator=gen)
+    u, p = torch.randn(50_001, generator=gen), torch.randn(50_001, generator=gen)
+    first = native.move_and_update_(basis.T, coef, a, u, p, None)
+    again = native.move_and_update_(basis.T, coef, a, u, p, None)
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    assert torch.equal(native.gram(basis.T), native.gram(basis.T))
+
+
+def _train(kernels, steps=60):
+    from osfn_dist import OSFN
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+    opt = OSFN(model.parameters(), lr=0.01, kernels=kernels)
+    x = torch.randn(256, 20)
+    y = x[:, :1] ** 2
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), opt.diagnostics
+
+
+@needs_native
+def test_the_optimizer_uses_the_native_passes_by_default_and_agrees_with_torch(monkeypatch):
+    calls = {"move": 0, "project": 0}
+    real_move, real_project = native.move_and_update_, native.project_pair
+
+    def move(*args):
+        calls["move"] += 1
+        return real_move(*args)
+
+    def project(*args):
+        calls["project"] += 1
+        return real_project(*args)
+
+    monkeypatch.setattr(native, "move_and_update_", move)
+    monkeypatch.setattr(native, "project_pair", project)
+    theta_native, diag_native = _train("auto")
+    assert calls["move"] > 40 and calls["project"] > 40  # every step once the directions are filled
+    before = dict(calls)
+    theta_eager, diag_eager = _train("eager")
+    assert calls == before  # "eager" never calls them
+    torch.testing.assert_close(theta_native, theta_eager, rtol=1e-4, atol=1e-5)
+    for key in ("step_norm", "complement_step_norm"):
+        assert diag_native[key] == pytest.approx(diag_eager[key], rel=1e-4)
+
+
+def test_without_a_compiler_the_optimizer_falls_back_to_torch(tmp_path):
+    """CC names a compiler that fails and the cache is empty: a warning, then eager torch."""
+    code = (
+        "import logging, torch; logging.basicConfig()\n"
+        "from osfn_dist.core import native\n"
+        "from osfn_dist import OSFN\n"
+        "m = torch.nn.Linear(30, 30); opt = OSFN(m.parameters(), lr=0.01, subspace_dim=4)\n"
+        "for _ in range(30):\n"
+        "    opt.zero_grad(); m(torch.randn(8, 30)).square().mean().backward(); opt.step()\n"
+        "assert not native.available()\n"
+        "print('fell back:', native.why_not())\n"
+    )
+    env = {**os.environ, "CC": "/bin/false", "OSFN_DIST_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "fell back: /bin/false failed" in out.stdout
+    assert "native CPU kernels unavailable" in out.stderr and "eager torch path" in out.stderr
+    assert not list(tmp_path.glob("*.so"))
