@@ -79,3 +79,24 @@ def test_peak_memory_is_measured_per_run():
     assert 60 * 2**20 <= grown <= 100 * 2**20
     base = reset_peak_rss()
     assert peak_rss() - base < 16 * 2**20  # the mark was reset, not carried over
+
+
+def test_step_time_bench_prints_the_reads_of_v_table():
+    """bench/step_time.py at a toy size: every optimizer's row, ratios against both AdamWs and
+    the overhead in reads of V (a unit timed in every round), plus the per-phase profile."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "step_time.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--width", "64", "--rounds", "1", "--steps", "3", "--every", "4",
+         "--only", "OSFN d=8", "OSFN d=8, eager torch passes", "OSFN d=8 curvature_every=4", "--profile"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.stdout.splitlines() if line.startswith("| ")}
+    for name in ("AdamW", "AdamW (fused)", "OSFN d=8", "OSFN d=8, eager torch passes", "OSFN d=8 curvature_every=4"):
+        assert name in rows, out.stdout
+    assert rows["AdamW (fused)"].rstrip(" |").endswith("| 1.00× | 0.0")
+    assert "one read of V" in out.stdout and "osfn.newton_move" in out.stdout
