@@ -79,6 +79,16 @@ def test_project_pair_and_gram_match_torch():
 
 
 @needs_native
+def test_the_move_goes_into_a_given_buffer():
+    basis, gen = _basis(3_001, 4, 5)
+    coef, a = torch.randn(4, generator=gen), torch.randn(4, generator=gen)
+    u, p = torch.randn(3_001, generator=gen), torch.randn(3_001, generator=gen)
+    buf = torch.full((3_001,), float("nan"))
+    move, _, _ = native.move_and_update_(basis.T, coef, a, u, p, None, out=buf)
+    assert move.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(move.double(), basis.double() @ coef.double(), rtol=1e-5, atol=1e-5)
+
+
 def test_the_passes_repeat_bit_for_bit():
     basis, gen = _basis(50_001, 8, 2)
     coef, a = torch.randn(8, generator=gen), torch.randn(8, generator=gen)
@@ -110,13 +120,13 @@ def test_the_optimizer_uses_the_native_passes_by_default_and_agrees_with_torch(m
     calls = {"move": 0, "project": 0}
     real_move, real_project = native.move_and_update_, native.project_pair
 
-    def move(*args):
+    def move(*args, **kwargs):
         calls["move"] += 1
-        return real_move(*args)
+        return real_move(*args, **kwargs)
 
-    def project(*args):
+    def project(*args, **kwargs):
         calls["project"] += 1
-        return real_project(*args)
+        return real_project(*args, **kwargs)
 
     monkeypatch.setattr(native, "move_and_update_", move)
     monkeypatch.setattr(native, "project_pair", project)

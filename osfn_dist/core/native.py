@@ -127,20 +127,23 @@ def _threads() -> int:
 
 
 def move_and_update_(vt: torch.Tensor, coef: torch.Tensor, a: torch.Tensor, u: torch.Tensor, p: torch.Tensor,
-                     c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     c: torch.Tensor | None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(move = V coef, q = Vᵀp before the update, [rᵀ(move − p), ‖p‖², ‖move − p‖²]) with
     r = u − V a, and V ← V + r cᵀ if ``c`` is given; ``vt`` the contiguous (d, D) transpose of
-    V, updated in place. All float32 CPU tensors; q and the sums come back in float64."""
+    V, updated in place. All float32 CPU tensors; q and the sums come back in float64.
+    ``out``: a contiguous float32 (D,) tensor for the move (else a new one)."""
     d, total = vt.shape
     nt = _threads()
     coef, a, u, p = (x.contiguous() for x in (coef, a, u, p))
     c = None if c is None else c.contiguous()
-    move = torch.empty(total, dtype=torch.float32)
-    out = torch.empty(d + 3, dtype=torch.float64)
+    ok = out is not None and out.shape == (total,) and out.dtype == torch.float32 and out.is_contiguous() \
+        and out.device.type == "cpu"
+    move = out if ok else torch.empty(total, dtype=torch.float32)
+    res = torch.empty(d + 3, dtype=torch.float64)
     parts = torch.empty(nt * (d + 3), dtype=torch.float64)
     _lib.osfn_move_update(_ptr(vt), d, total, _ptr(coef), _ptr(a), _ptr(u), _ptr(p), _ptr(c), _ptr(move),
-                          _ptr(out), _ptr(out[d:]), nt, _ptr(parts), _ptr(parts[nt * d:]))
-    return move, out[:d], out[d:]
+                          _ptr(res), _ptr(res[d:]), nt, _ptr(parts), _ptr(parts[nt * d:]))
+    return move, res[:d], res[d:]
 
 
 def project_pair(vt: torch.Tensor, g: torch.Tensor, u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -80,7 +80,7 @@ def _chunk_columns(d: int, total: int, itemsize: int, budget: int = 1 << 20, dev
 
 def move_and_update_(
     basis: torch.Tensor, coef: torch.Tensor, a: torch.Tensor, u: torch.Tensor, p: torch.Tensor,
-    rotation: torch.Tensor | None, c: torch.Tensor | None, native: bool = False,
+    rotation: torch.Tensor | None, c: torch.Tensor | None, native: bool = False, out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The apply hop's D-sized work in one read and one write of V (replicated basis):
     slice by slice, while the slice is in cache,
@@ -92,15 +92,15 @@ def move_and_update_(
     [rᵀ(move − p), ‖p‖², ‖move − p‖²] (3,)); r itself is never stored. The composition this fuses — Vᵀp, then V·coef and
     r = u − V a, then ``apply_basis_update`` — reads V three to five times. ``native``
     (no rotation, float32 on the CPU): one C loop (``core.native``) instead of the slices'
-    several BLAS calls each."""
+    several BLAS calls each. ``out``: a (D,) tensor to hold the move (else a new one)."""
     vt = basis.T  # (d, D), contiguous
     d, total = vt.shape
     dtype, dev = vt.dtype, vt.device
     if native and rotation is None and d and total and native_kernels.usable(vt, u, p):
         f32 = lambda x: None if x is None else x.detach().to("cpu", torch.float32)  # noqa: E731
-        move, q, sums = native_kernels.move_and_update_(vt, f32(coef), f32(a), u, p, f32(c))
+        move, q, sums = native_kernels.move_and_update_(vt, f32(coef), f32(a), u, p, f32(c), out=out)
         return move, q.to(dtype), sums.to(dtype)
-    move = torch.empty(total, dtype=dtype, device=dev)
+    move = torch.empty(total, dtype=dtype, device=dev) if out is None else out
     q = torch.zeros(d, dtype=dtype, device=dev)
     dot = torch.zeros((), dtype=dtype, device=dev)
     if d == 0 or total == 0:
