@@ -13,6 +13,7 @@ from .base_optimizer import (build_default_bases, check_params, preconditioner_s
                              reads_second_moments, running_mean)
 from .core.config import COMPLEMENT_FIELDS, OSFNConfig
 from .core.errors import ConfigError, DimensionMismatchError, NonFiniteGradientError
+from .core import native as native_kernels
 from .core.subspace import as_basis_layout, new_basis, right_multiply_
 from .dataflow.apply import check_version, move_and_update, newton_move, scatter_add, update_basis
 from .dataflow.collect import build_report, flat_gradient, write_back
@@ -191,6 +192,7 @@ class OSFN(Optimizer):
         self._anchor: torch.Tensor | None = None
         self._pair: torch.Tensor | None = None  # see _pair_buffer
         self._scratch: dict[str, torch.Tensor] = {}  # see _buffer
+        self._applied: torch.Tensor | None = None  # the whole step Δθ, where formed (for its norm)
         self._presynced = None  # sync_gradients() ran for this step (see there)
         self._ddp_projections = None  # watch_ddp()
         self._steps = 0
@@ -577,6 +579,7 @@ class OSFN(Optimizer):
         # where nothing else reads V between steps (no gradient_sync; the DDP hook's
         # projections are mapped by R in _sync)
         compiled = self.param_groups[0]["kernels"] == "compiled"
+        native = self.param_groups[0]["kernels"] == "auto"
         lazy = (not exact and not measure and not compiled and not layout.sharded and self.gradient_sync is None
                 and float(hyper["complement_in_subspace"]) == 1.0)
         if not lazy:
@@ -612,7 +615,7 @@ class OSFN(Optimizer):
                 source=source, prev_step_coords=self._prev_step_coords,
                 drift=drift, layout=layout, exact_residual=exact,
                 settings={k: getattr(self.config, k) for k in FIXED_SETTINGS}, pair=pair if in_pair else None,
-                coords_map=self._pending, native=self.param_groups[0]["kernels"] == "auto",
+                coords_map=self._pending, native=native,
             )
         # exchange (before anything moves: a refused or lost update leaves θ and the base untouched)
         with _phase("osfn.exchange"):
@@ -625,41 +628,38 @@ class OSFN(Optimizer):
                 rest = grad - layout.expand(basis, (1.0 - keep) * coords)
                 write_back(params, rest if sigma is None else rest.div_(sigma), has_grad)
             self._base_step()
-            disp = _subtract_params_(before.clone() if measure else before, params)
-            disp_z = disp if sigma is None else disp / sigma
+            # the native pass can measure p = θ_before − θ and add the move into the parameters
+            # itself (no flat displacement, move or scatter): the lazy path in θ coordinates
+            local_params = [local(p) for p in params]
+            into = (lazy and keep == 1.0 and sigma is None and not from_displacement and native
+                    and native_kernels.params_usable(local_params) and native_kernels.usable(basis.T, before, source))
+            if into:
+                disp = disp_z = None
+            else:
+                disp = _subtract_params_(before.clone() if measure else before, params)
+                disp_z = disp if sigma is None else disp / sigma
         with _phase("osfn.newton_move"):
             source = grad if source is None else source
             source_coords = coords if report.source_coords is None else report.source_coords.to(basis.device, basis.dtype)
             fused = residual is None and keep == 1.0 and not measure and not compiled
-            if fused:  # the move, Vᵀp, rᵀΔθ and V ← V A + r cᵀ in one read and one write of V
+            if into:  # p, the move into θ, Vᵀp, rᵀΔθ and V ← V + r cᵀ: one read and one write of V and θ
+                _, step_coords, self._residual_step_dot, self._basis, self._pending, sq_norms = move_and_update(
+                    basis, None, update.step_coef, update, source, source_coords, pending=self._pending, lazy=lazy,
+                    native=True, into=(before, local_params))
+                self._prev_step_coords = step_coords
+            elif fused:  # the move, Vᵀp, rᵀΔθ and V ← V A + r cᵀ in one read and one write of V
                 move, step_coords, self._residual_step_dot, self._basis, self._pending, sq_norms = move_and_update(
                     basis, disp_z, update.step_coef, update, source, source_coords, pending=self._pending, lazy=lazy,
-                    native=self.param_groups[0]["kernels"] == "auto", out=self._buffer("move", disp_z))
+                    native=native, out=self._buffer("move", disp_z))
             else:  # Vᵀp, then V·coef and the residual in one pass
                 sq_norms = None
                 self._fold()  # (a no-op: only the fused path leaves a rotation pending)
                 move, step_coords, residual = newton_move(
                     basis, disp_z, residual, update.step_coef, keep, layout,
                     source=source, source_coords=source_coords, compiled=compiled)
-            if from_displacement:
-                self._prev_disp = disp if not measure else disp.clone()
-            # the z-space move for rᵀΔθ below (two-pass path; measured steps re-derive it)
-            move_z = move.clone() if sigma is not None and not fused and not measure else None
-            if sigma is not None:
-                move.mul_(sigma)
-            if measure:
-                _zero_frozen_(move, params, moves)
-            scatter_add(params, move, moves)
-            if measure:  # what actually happened: frozen rows and low-precision rounding included
-                applied = _subtract_params_(before, params).neg_()
-                step_coords = layout.project(basis, applied if sigma is None else applied / sigma)
-            else:
-                applied = move.sub_(disp)
-            self._prev_step_coords = step_coords
-            if not fused:
-                if sigma is not None:  # the step in z, which the residual's dot product needs
-                    applied_z = applied / sigma if measure else move_z.sub_(disp_z)
-                self._residual_step_dot = layout.dot(residual, layout.rows(applied if sigma is None else applied_z))
+            if not into:
+                self._apply_move(params, basis, moves, move, disp, disp_z, before, sigma, measure, fused,
+                                 from_displacement, step_coords, residual)
         if not fused:
             with _phase("osfn.basis_update"):  # V ← V A + r cᵀ, re-orthonormalised on a cadence
                 self._basis = update_basis(basis, residual, update, layout)
@@ -667,13 +667,40 @@ class OSFN(Optimizer):
         if sq_norms is not None and sigma is None:  # ‖p‖² and ‖Δθ‖², summed in the one pass over V
             disp_norm, step_norm = sq_norms.clamp_min(0).sqrt().tolist()
         else:
-            disp_norm, step_norm = float(torch.linalg.vector_norm(disp)), float(torch.linalg.vector_norm(applied))
+            disp_norm, step_norm = float(torch.linalg.vector_norm(disp)), float(torch.linalg.vector_norm(self._applied))
+        self._applied = None
         self._last = {
             **update.diagnostics,
             "complement_step_norm": disp_norm,
             "step_norm": step_norm,
             "skipped_steps": self._skipped,
         }
+
+    def _apply_move(self, params, basis, moves, move, disp, disp_z, before, sigma, measure, fused,
+                    from_displacement, step_coords, residual) -> None:
+        """θ ← θ + move for the paths that form the move as a flat vector, and what the next
+        report needs of the whole step Δθ (its coordinates, rᵀΔθ)."""
+        layout = self._layout
+        if from_displacement:
+            self._prev_disp = disp if not measure else disp.clone()
+        # the z-space move for rᵀΔθ below (two-pass path; measured steps re-derive it)
+        move_z = move.clone() if sigma is not None and not fused and not measure else None
+        if sigma is not None:
+            move.mul_(sigma)
+        if measure:
+            _zero_frozen_(move, params, moves)
+        scatter_add(params, move, moves)
+        if measure:  # what actually happened: frozen rows and low-precision rounding included
+            applied = _subtract_params_(before, params).neg_()
+            step_coords = layout.project(basis, applied if sigma is None else applied / sigma)
+        else:
+            applied = move.sub_(disp)
+        self._prev_step_coords = step_coords
+        self._applied = applied
+        if not fused:
+            if sigma is not None:  # the step in z, which the residual's dot product needs
+                applied_z = applied / sigma if measure else move_z.sub_(disp_z)
+            self._residual_step_dot = layout.dot(residual, layout.rows(applied if sigma is None else applied_z))
 
     # -------------------------------------------------------- inspection
     @property

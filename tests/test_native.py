@@ -79,6 +79,34 @@ def test_project_pair_and_gram_match_torch():
 
 
 @needs_native
+@needs_native
+def test_move_into_params_measures_the_step_and_moves_the_parameters():
+    """p = before − θ and θ ← θ + V coef, parameter by parameter, with parameter boundaries
+    inside the C loop's blocks (and an empty parameter)."""
+    sizes = [7, 1_500, 0, 1, 2_600, 3]
+    rows, d = sum(sizes), 6
+    basis, gen = _basis(rows, d, 9)
+    v = basis.double().clone()
+    params = [torch.randn(n, generator=gen) for n in sizes]
+    theta = torch.cat(params).double()
+    before = (theta + 0.01 * torch.randn(rows, generator=gen, dtype=D64)).float()
+    coef, a, c = (torch.randn(d, generator=gen) for _ in range(3))
+    u = torch.randn(rows, generator=gen)
+    versions = [t._version for t in params]
+    q, sums = native.move_into_params_(basis.T, coef, a, u, before, params, c)
+    assert all(t._version > v for t, v in zip(params, versions))  # as an in-place add_ would
+    p = before.double() - theta
+    move = v @ coef.double()
+    torch.testing.assert_close(torch.cat(params).double(), theta + move, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q, v.T @ p, rtol=1e-4, atol=1e-6)
+    r = u.double() - v @ a.double()
+    step = move - p
+    torch.testing.assert_close(sums, torch.stack([r @ step, p @ p, step @ step]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(basis.double(), v + torch.outer(r, c.double()), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="elements"):
+        native.move_into_params_(basis.T, coef, a, u, before, params[:-1], c)
+
+
 def test_the_move_goes_into_a_given_buffer():
     basis, gen = _basis(3_001, 4, 5)
     coef, a = torch.randn(4, generator=gen), torch.randn(4, generator=gen)
@@ -118,7 +146,7 @@ def _train(kernels, steps=60):
 @needs_native
 def test_the_optimizer_uses_the_native_passes_by_default_and_agrees_with_torch(monkeypatch):
     calls = {"move": 0, "project": 0}
-    real_move, real_project = native.move_and_update_, native.project_pair
+    real_move, real_project = native.move_into_params_, native.project_pair
 
     def move(*args, **kwargs):
         calls["move"] += 1
@@ -128,7 +156,7 @@ def test_the_optimizer_uses_the_native_passes_by_default_and_agrees_with_torch(m
         calls["project"] += 1
         return real_project(*args, **kwargs)
 
-    monkeypatch.setattr(native, "move_and_update_", move)
+    monkeypatch.setattr(native, "move_into_params_", move)
     monkeypatch.setattr(native, "project_pair", project)
     theta_native, diag_native = _train("auto")
     assert calls["move"] > 40 and calls["project"] > 40  # every step once the directions are filled

@@ -75,7 +75,7 @@ def _build() -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
     ptr, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.osfn_move_update.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, cint, ptr, ptr]
+    lib.osfn_move_update.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, cint, ptr, ptr, i64, ptr, ptr]
     lib.osfn_right_multiply.argtypes = [ptr, i64, i64, ptr, ptr, ptr, cint, ptr]
     lib.osfn_project_pair.argtypes = [ptr, i64, i64, ptr, ptr, ptr, cint, ptr]
     lib.osfn_gram.argtypes = [ptr, i64, i64, ptr, cint, ptr]
@@ -118,6 +118,12 @@ def usable(*tensors: torch.Tensor | None) -> bool:
     ) and available()
 
 
+def _loaded() -> ctypes.CDLL:
+    if not available():
+        raise RuntimeError(f"native CPU kernels unavailable: {_why_not}")
+    return _lib
+
+
 def _ptr(t: torch.Tensor | None):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
@@ -141,9 +147,44 @@ def move_and_update_(vt: torch.Tensor, coef: torch.Tensor, a: torch.Tensor, u: t
     move = out if ok else torch.empty(total, dtype=torch.float32)
     res = torch.empty(d + 3, dtype=torch.float64)
     parts = torch.empty(nt * (d + 3), dtype=torch.float64)
-    _lib.osfn_move_update(_ptr(vt), d, total, _ptr(coef), _ptr(a), _ptr(u), _ptr(p), _ptr(c), _ptr(move),
-                          _ptr(res), _ptr(res[d:]), nt, _ptr(parts), _ptr(parts[nt * d:]))
+    _loaded().osfn_move_update(_ptr(vt), d, total, _ptr(coef), _ptr(a), _ptr(u), _ptr(p), _ptr(c), _ptr(move),
+                          _ptr(res), _ptr(res[d:]), nt, _ptr(parts), _ptr(parts[nt * d:]), 0, None, None)
     return move, res[:d], res[d:]
+
+
+def params_usable(params: list[torch.Tensor]) -> bool:
+    """``move_into_params_`` writes straight into these: contiguous float32 CPU tensors."""
+    return bool(params) and usable(*params)
+
+
+def move_into_params_(vt: torch.Tensor, coef: torch.Tensor, a: torch.Tensor, u: torch.Tensor, before: torch.Tensor,
+                      params: list[torch.Tensor], c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``move_and_update_`` with the displacement measured and the move applied in the same
+    pass: p = before − θ (``before`` the flat θ before the base stepped, θ the parameters
+    now), then θ ← θ + V coef in place, parameter by parameter. Returns (q = Vᵀp,
+    [rᵀ(move − p), ‖p‖², ‖move − p‖²]); neither p nor the move is ever stored whole."""
+    d, total = vt.shape
+    nt = _threads()
+    coef, a, u, before = (x.contiguous() for x in (coef, a, u, before))
+    c = None if c is None else c.contiguous()
+    sizes = [p.numel() for p in params]
+    if sum(sizes) != total:
+        raise ValueError(f"the parameters hold {sum(sizes)} elements, the basis {total} rows")
+    starts = (ctypes.c_int64 * (len(params) + 1))()
+    acc = 0
+    for k, n in enumerate(sizes):
+        starts[k] = acc
+        acc += n
+    starts[len(params)] = acc
+    segs = (ctypes.c_void_p * len(params))(*[p.data_ptr() for p in params])
+    res = torch.empty(d + 3, dtype=torch.float64)
+    parts = torch.empty(nt * (d + 3), dtype=torch.float64)
+    _loaded().osfn_move_update(_ptr(vt), d, total, _ptr(coef), _ptr(a), _ptr(u), _ptr(before), _ptr(c), None,
+                          _ptr(res), _ptr(res[d:]), nt, _ptr(parts), _ptr(parts[nt * d:]), len(params),
+                          ctypes.cast(segs, ctypes.c_void_p), ctypes.cast(starts, ctypes.c_void_p))
+    for p in params:  # written behind autograd's back: bump their versions as add_ would
+        torch.autograd.graph.increment_version(p)
+    return res[:d], res[d:]
 
 
 def project_pair(vt: torch.Tensor, g: torch.Tensor, u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +194,7 @@ def project_pair(vt: torch.Tensor, g: torch.Tensor, u: torch.Tensor | None) -> t
     nt = _threads()
     out = torch.empty(2 * d + 2, dtype=torch.float64)
     parts = torch.empty(nt * (2 * d + 2), dtype=torch.float64)
-    _lib.osfn_project_pair(_ptr(vt), d, total, _ptr(g.contiguous()), _ptr(None if u is None else u.contiguous()),
+    _loaded().osfn_project_pair(_ptr(vt), d, total, _ptr(g.contiguous()), _ptr(None if u is None else u.contiguous()),
                            _ptr(out), nt, _ptr(parts))
     return out[: 2 * d].view(2, d), out[2 * d:]
 
@@ -164,7 +205,7 @@ def gram(vt: torch.Tensor) -> torch.Tensor:
     nt = _threads()
     out = torch.empty(d, d, dtype=torch.float64)
     parts = torch.empty(nt * d * d, dtype=torch.float64)
-    _lib.osfn_gram(_ptr(vt), d, total, _ptr(out), nt, _ptr(parts))
+    _loaded().osfn_gram(_ptr(vt), d, total, _ptr(out), nt, _ptr(parts))
     return out
 
 
@@ -178,4 +219,4 @@ def right_multiply_(vt: torch.Tensor, m: torch.Tensor, c: torch.Tensor | None = 
     if r is not None:
         c, r = c.to(torch.float32).contiguous(), r.contiguous()
     scratch = torch.empty(nt * d * SMALL_BLOCK, dtype=torch.float32)
-    _lib.osfn_right_multiply(_ptr(vt), d, total, _ptr(m4), _ptr(c if r is not None else None), _ptr(r), nt, _ptr(scratch))
+    _loaded().osfn_right_multiply(_ptr(vt), d, total, _ptr(m4), _ptr(c if r is not None else None), _ptr(r), nt, _ptr(scratch))

@@ -33,13 +33,37 @@ static int thread_id(void) {
 #endif
 }
 
+/* Calls f(piece start, piece end, pointer to the parameter element at piece start) for the
+ * pieces of the flat range [s, e) that lie in one parameter each; seg_start has nseg + 1
+ * entries (the flat offsets of the parameters, then D). */
+#define FOR_PIECES(s, e, nseg, seg, seg_start, BODY)                                   \
+    do {                                                                                 \
+        int64_t lo_ = 0, hi_ = (nseg);                                                   \
+        while (hi_ - lo_ > 1) {                                                          \
+            int64_t mid_ = (lo_ + hi_) / 2;                                              \
+            if ((seg_start)[mid_] <= (s)) lo_ = mid_; else hi_ = mid_;                   \
+        }                                                                                \
+        for (int64_t k_ = lo_, j0 = (s); j0 < (e); k_++) {                               \
+            int64_t j1 = (seg_start)[k_ + 1] < (e) ? (seg_start)[k_ + 1] : (e);          \
+            if (j1 <= j0) continue;                                                      \
+            float *th = (seg)[k_] + (j0 - (seg_start)[k_]);                              \
+            BODY;                                                                        \
+            j0 = j1;                                                                     \
+        }                                                                                \
+    } while (0)
+
 /* move = V coef;  r = u - V a;  q = V^T p;  then, if c is given, V <- V + r c^T (r is never
  * stored).  dots_out[0..2] = r^T (move - p), |p|^2, |move - p|^2.
+ * With parameter segments (seg != NULL; nseg parameters, seg[k] the k-th one's float32 data,
+ * seg_start its flat offset): p is not given but measured, p = before - theta (``p`` then
+ * holds theta before the base stepped), and the move is added into the parameters,
+ * theta += move, instead of being stored (``move`` may be NULL): no flat displacement, move
+ * or scatter pass.
  * q_parts: nthreads * d doubles of scratch; dot_parts: nthreads * 3. */
 void osfn_move_update(float *vt, int64_t d, int64_t D, const float *coef, const float *a,
                       const float *u, const float *p, const float *c, float *move,
                       double *q_out, double *dots_out, int nthreads, double *q_parts,
-                      double *dot_parts) {
+                      double *dot_parts, int64_t nseg, float **seg, const int64_t *seg_start) {
     for (int64_t t = 0; t < (int64_t)nthreads * d; t++) q_parts[t] = 0.0;
     for (int t = 0; t < 3 * nthreads; t++) dot_parts[t] = 0.0;
 #pragma omp parallel num_threads(nthreads)
@@ -47,11 +71,16 @@ void osfn_move_update(float *vt, int64_t d, int64_t D, const float *coef, const 
         int tid = thread_id();
         double *q_loc = q_parts + (int64_t)tid * d;
         double dot_loc = 0.0, pp_loc = 0.0, ss_loc = 0.0;
-        float m[BLOCK], l[BLOCK];
+        float m[BLOCK], l[BLOCK], pb[BLOCK];
 #pragma omp for schedule(static)
         for (int64_t s = 0; s < D; s += BLOCK) {
             int64_t n = D - s < BLOCK ? D - s : BLOCK;
             const float *ps = p + s, *us = u + s;
+            if (seg) {  /* p = before - theta, piece by piece */
+                FOR_PIECES(s, s + n, nseg, seg, seg_start,
+                           for (int64_t j = j0; j < j1; j++) pb[j - s] = p[j] - th[j - j0]);
+                ps = pb;
+            }
             for (int64_t j = 0; j < n; j++) { m[j] = 0.f; l[j] = 0.f; }
             for (int64_t i = 0; i < d; i++) {
                 const float *row = vt + i * D + s;
@@ -71,7 +100,12 @@ void osfn_move_update(float *vt, int64_t d, int64_t D, const float *coef, const 
                 dacc += r * step;
                 pacc += ps[j] * ps[j];
                 sacc += step * step;
-                move[s + j] = m[j];
+            }
+            if (seg) {
+                FOR_PIECES(s, s + n, nseg, seg, seg_start,
+                           for (int64_t j = j0; j < j1; j++) th[j - j0] += m[j - s]);
+            } else {
+                for (int64_t j = 0; j < n; j++) move[s + j] = m[j];
             }
             dot_loc += dacc;
             pp_loc += pacc;

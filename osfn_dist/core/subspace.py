@@ -81,7 +81,8 @@ def _chunk_columns(d: int, total: int, itemsize: int, budget: int = 1 << 20, dev
 def move_and_update_(
     basis: torch.Tensor, coef: torch.Tensor, a: torch.Tensor, u: torch.Tensor, p: torch.Tensor,
     rotation: torch.Tensor | None, c: torch.Tensor | None, native: bool = False, out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    into: tuple | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """The apply hop's D-sized work in one read and one write of V (replicated basis):
     slice by slice, while the slice is in cache,
 
@@ -92,12 +93,20 @@ def move_and_update_(
     [rᵀ(move − p), ‖p‖², ‖move − p‖²] (3,)); r itself is never stored. The composition this fuses — Vᵀp, then V·coef and
     r = u − V a, then ``apply_basis_update`` — reads V three to five times. ``native``
     (no rotation, float32 on the CPU): one C loop (``core.native``) instead of the slices'
-    several BLAS calls each. ``out``: a (D,) tensor to hold the move (else a new one)."""
+    several BLAS calls each. ``out``: a (D,) tensor to hold the move (else a new one).
+    ``into`` = (before, params), native path only (``p`` is then None): p = before − θ is
+    measured and the move added into the parameters θ in the same pass; the move returned
+    is None (``core.native.move_into_params_``)."""
     vt = basis.T  # (d, D), contiguous
     d, total = vt.shape
     dtype, dev = vt.dtype, vt.device
+    f32 = lambda x: None if x is None else x.detach().to("cpu", torch.float32)  # noqa: E731
+    if into is not None:
+        if rotation is not None or not native_kernels.usable(vt, u, into[0]):
+            raise ValueError("into= needs the native pass: float32 CPU tensors and no rotation")
+        q, sums = native_kernels.move_into_params_(vt, f32(coef), f32(a), u, into[0], into[1], f32(c))
+        return None, q.to(dtype), sums.to(dtype)
     if native and rotation is None and d and total and native_kernels.usable(vt, u, p):
-        f32 = lambda x: None if x is None else x.detach().to("cpu", torch.float32)  # noqa: E731
         move, q, sums = native_kernels.move_and_update_(vt, f32(coef), f32(a), u, p, f32(c), out=out)
         return move, q.to(dtype), sums.to(dtype)
     move = torch.empty(total, dtype=dtype, device=dev) if out is None else out

@@ -50,7 +50,7 @@ def newton_move(
 def move_and_update(
     basis: torch.Tensor, disp: torch.Tensor, step_coef: torch.Tensor, update: DirectionUpdate,
     source: torch.Tensor, source_coords: torch.Tensor, pending: torch.Tensor | None = None, lazy: bool = False,
-    native: bool = False, out: torch.Tensor | None = None,
+    native: bool = False, out: torch.Tensor | None = None, into: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor | None]:
     """``newton_move`` and ``update_basis`` in one read and one write of V, for a replicated
     basis whose residual was left to this hop and π = 1 (the base keeps its whole step, so
@@ -62,7 +62,9 @@ def move_and_update(
     the stored V as r ((R A)⁻ᵀ c)ᵀ, so that V R A + r cᵀ is the basis the service expects.
     A re-orthonormalisation step applies R first. ``native``: the passes over V in the C
     loops of ``core.native`` where they apply (float32 on the CPU). ``out``: a (D,) tensor
-    for the move.
+    for the move. ``into`` = (θ before the base stepped (D,), the parameters), native and
+    lazy only, ``disp`` None: the pass measures p = before − θ and adds the move into the
+    parameters itself; the move returned is None.
 
     Returns (the move V s, VᵀΔθ = s − Vᵀp, rᵀΔθ for the step Δθ = move − p, the updated
     stored basis, the pending R after the step, [‖p‖², ‖Δθ‖²] as a (2,) tensor)."""
@@ -71,6 +73,8 @@ def move_and_update(
     a = source_coords.to(dev, dtype)
     rotation = update.rotation.to(dev) if update.rotation is not None else None
     coef = update.residual_coef.to(dev) if update.residual_coef is not None else None
+    if into is not None and not lazy:
+        raise ValueError("into= is for the lazy path (the rotation composed in R, none applied to V)")
     if pending is None and not lazy:
         move, q, sums = move_and_update_(basis, s, a, source, disp, rotation, coef, native=native, out=out)
         return move, s - q, float(sums[0]), _reorthonormalize(basis, update, REPLICATED, native), None, sums[1:]
@@ -78,7 +82,7 @@ def move_and_update(
     ra = r if rotation is None else r @ rotation.to(torch.float64)
     stored_coef = None if coef is None else torch.linalg.solve(ra.T, coef.to(torch.float64))
     move, q_stored, sums = move_and_update_(basis, (r @ s.double()).to(dtype), (r @ a.double()).to(dtype),
-                                           source, disp, None, stored_coef, native=native, out=out)
+                                           source, disp, None, stored_coef, native=native, out=out, into=into)
     q = (r.T @ q_stored.double()).to(dtype)
     if update.reorthonormalize:
         right_multiply_(basis, ra, native=native)
