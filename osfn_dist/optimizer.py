@@ -373,6 +373,29 @@ class OSFN(Optimizer):
             buf = self._scratch[name] = torch.empty_like(like)
         return buf
 
+    def _native_collect(self, params, owners, has_grad, basis, pair):
+        """The collect hop in one native pass from the parameters' own gradients, running
+        means and values (``core.native.collect``): the source into pair[1], θ into the
+        "before" buffer, and the projections with their norms. None where it does not
+        apply (the momentum source only; every parameter with a gradient and a running mean,
+        all contiguous float32 CPU tensors): the caller then flattens and projects."""
+        if pair is None or self.param_groups[0]["subspace_source"] != "momentum" or not all(has_grad):
+            return None
+        local_params = [local(p) for p in params]
+        grads = [local(p.grad) for p in params]
+        means = []
+        for p, (base, group) in zip(params, owners):
+            buf, _ = running_mean(base, base.state.get(p, {}), group, self._steps - 1)
+            if buf is None:
+                return None
+            means.append(local(buf))
+        if not native_kernels.usable(basis.T, pair, *local_params, *grads, *means):
+            return None
+        if any(g.shape != p.shape or m.shape != p.shape for g, m, p in zip(grads, means, local_params)):
+            return None
+        before = self._buffer("before", pair[1])
+        return native_kernels.collect(basis.T, grads, means, local_params, pair[1], before)
+
     def _running_mean_source(self, params, owners, has_grad, dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """The subspace source read from the base's state before it steps (m_{t−1}).
 
@@ -592,21 +615,27 @@ class OSFN(Optimizer):
             return
         with _phase("osfn.collect"):  # flatten, project g and the source in one pass over V
             pair = self._pair_buffer(basis)
-            if grad is None:
-                grad = flat_gradient(params, basis.dtype, out=None if pair is None else pair[0])
             from_displacement = self._displacement_is_source()
-            if from_displacement:
-                source, in_pair = self._prev_disp, False  # the base's last measured step (None at first)
+            projected = None  # one native pass from the parameters' own buffers, where it applies
+            if grad is None and lazy and native and sigma is None and not from_displacement:
+                projected = self._native_collect(params, owners, has_grad, basis, pair)
+            if projected is not None:  # the source went to pair[1], θ to the "before" buffer
+                source, in_pair, before = pair[1], False, self._buffer("before", pair[1])
             else:
-                source = self._running_mean_source(params, owners, has_grad, basis.dtype,
-                                                   out=None if pair is None else pair[1])
-                in_pair = source is not None and pair is not None
-            if sigma is not None:
-                grad.mul_(sigma)  # both are this step's own flat copies
-                if source is not None:
-                    source.mul_(sigma)
-            # θ before the base steps; kept past this step only as the displacement source
-            before = _flat(params, basis.dtype, out=None if from_displacement else self._buffer("before", grad))
+                if grad is None:
+                    grad = flat_gradient(params, basis.dtype, out=None if pair is None else pair[0])
+                if from_displacement:
+                    source, in_pair = self._prev_disp, False  # the base's last measured step (None at first)
+                else:
+                    source = self._running_mean_source(params, owners, has_grad, basis.dtype,
+                                                       out=None if pair is None else pair[1])
+                    in_pair = source is not None and pair is not None
+                if sigma is not None:
+                    grad.mul_(sigma)  # both are this step's own flat copies
+                    if source is not None:
+                        source.mul_(sigma)
+                # θ before the base steps; kept past this step only as the displacement source
+                before = _flat(params, basis.dtype, out=None if from_displacement else self._buffer("before", grad))
             drift = None if self._anchor is None else before - self._anchor
             if drift is not None and sigma is not None:
                 drift.div_(sigma)
@@ -615,7 +644,7 @@ class OSFN(Optimizer):
                 source=source, prev_step_coords=self._prev_step_coords,
                 drift=drift, layout=layout, exact_residual=exact,
                 settings={k: getattr(self.config, k) for k in FIXED_SETTINGS}, pair=pair if in_pair else None,
-                coords_map=self._pending, native=native,
+                coords_map=self._pending, native=native, projected=projected,
             )
         # exchange (before anything moves: a refused or lost update leaves θ and the base untouched)
         with _phase("osfn.exchange"):

@@ -107,6 +107,26 @@ def test_move_into_params_measures_the_step_and_moves_the_parameters():
         native.move_into_params_(basis.T, coef, a, u, before, params[:-1], c)
 
 
+@needs_native
+def test_collect_projects_from_the_parameters_own_buffers():
+    shapes = [(3, 5), (1_030,), (0,), (40, 60), (1,)]
+    params = [torch.randn(*sh) for sh in shapes]
+    grads = [torch.randn(*sh) for sh in shapes]
+    means = [torch.randn(*sh) for sh in shapes]
+    rows, d = sum(p.numel() for p in params), 8
+    basis, _ = _basis(rows, d, 11)
+    u, before = torch.full((rows,), float("nan")), torch.full((rows,), float("nan"))
+    both, sq = native.collect(basis.T, grads, means, params, u, before)
+    flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
+    g, m = flat(grads).double(), flat(means)
+    assert torch.equal(u, m) and torch.equal(before, flat(params))
+    v = basis.double()
+    torch.testing.assert_close(both, torch.stack([v.T @ g, v.T @ m.double()]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sq, torch.stack([g @ g, m.double() @ m.double()]), rtol=1e-5, atol=1e-3)
+    with pytest.raises(ValueError, match="size"):
+        native.collect(basis.T, grads[:-1] + [torch.zeros(2)], means, params, u, before)
+
+
 def test_the_move_goes_into_a_given_buffer():
     basis, gen = _basis(3_001, 4, 5)
     coef, a = torch.randn(4, generator=gen), torch.randn(4, generator=gen)
@@ -146,7 +166,7 @@ def _train(kernels, steps=60):
 @needs_native
 def test_the_optimizer_uses_the_native_passes_by_default_and_agrees_with_torch(monkeypatch):
     calls = {"move": 0, "project": 0}
-    real_move, real_project = native.move_into_params_, native.project_pair
+    real_move, real_project = native.move_into_params_, native.collect
 
     def move(*args, **kwargs):
         calls["move"] += 1
@@ -157,7 +177,7 @@ def test_the_optimizer_uses_the_native_passes_by_default_and_agrees_with_torch(m
         return real_project(*args, **kwargs)
 
     monkeypatch.setattr(native, "move_into_params_", move)
-    monkeypatch.setattr(native, "project_pair", project)
+    monkeypatch.setattr(native, "collect", project)
     theta_native, diag_native = _train("auto")
     assert calls["move"] > 40 and calls["project"] > 40  # every step once the directions are filled
     before = dict(calls)

@@ -79,7 +79,9 @@ def _build() -> ctypes.CDLL:
     lib.osfn_right_multiply.argtypes = [ptr, i64, i64, ptr, ptr, ptr, cint, ptr]
     lib.osfn_project_pair.argtypes = [ptr, i64, i64, ptr, ptr, ptr, cint, ptr]
     lib.osfn_gram.argtypes = [ptr, i64, i64, ptr, cint, ptr]
-    for fn in (lib.osfn_move_update, lib.osfn_right_multiply, lib.osfn_project_pair, lib.osfn_gram):
+    lib.osfn_collect.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, cint, ptr]
+    for fn in (lib.osfn_move_update, lib.osfn_right_multiply, lib.osfn_project_pair, lib.osfn_gram,
+               lib.osfn_collect):
         fn.restype = None
     return lib
 
@@ -167,24 +169,51 @@ def move_into_params_(vt: torch.Tensor, coef: torch.Tensor, a: torch.Tensor, u: 
     nt = _threads()
     coef, a, u, before = (x.contiguous() for x in (coef, a, u, before))
     c = None if c is None else c.contiguous()
-    sizes = [p.numel() for p in params]
-    if sum(sizes) != total:
-        raise ValueError(f"the parameters hold {sum(sizes)} elements, the basis {total} rows")
-    starts = (ctypes.c_int64 * (len(params) + 1))()
-    acc = 0
-    for k, n in enumerate(sizes):
-        starts[k] = acc
-        acc += n
-    starts[len(params)] = acc
-    segs = (ctypes.c_void_p * len(params))(*[p.data_ptr() for p in params])
+    starts = _starts(params, total)
     res = torch.empty(d + 3, dtype=torch.float64)
     parts = torch.empty(nt * (d + 3), dtype=torch.float64)
     _loaded().osfn_move_update(_ptr(vt), d, total, _ptr(coef), _ptr(a), _ptr(u), _ptr(before), _ptr(c), None,
-                          _ptr(res), _ptr(res[d:]), nt, _ptr(parts), _ptr(parts[nt * d:]), len(params),
-                          ctypes.cast(segs, ctypes.c_void_p), ctypes.cast(starts, ctypes.c_void_p))
+                               _ptr(res), _ptr(res[d:]), nt, _ptr(parts), _ptr(parts[nt * d:]), len(params),
+                               _pointers(params), starts)
     for p in params:  # written behind autograd's back: bump their versions as add_ would
         torch.autograd.graph.increment_version(p)
     return res[:d], res[d:]
+
+
+def _starts(params: list[torch.Tensor], total: int):
+    """The parameters' flat offsets and then D, as a C int64 array."""
+    starts = (ctypes.c_int64 * (len(params) + 1))()
+    acc = 0
+    for k, p in enumerate(params):
+        starts[k] = acc
+        acc += p.numel()
+    starts[len(params)] = acc
+    if acc != total:
+        raise ValueError(f"the parameters hold {acc} elements, the basis {total} rows")
+    return ctypes.cast(starts, ctypes.c_void_p)
+
+
+def _pointers(tensors: list[torch.Tensor]):
+    return ctypes.cast((ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors]), ctypes.c_void_p)
+
+
+def collect(vt: torch.Tensor, grads: list[torch.Tensor], means: list[torch.Tensor], params: list[torch.Tensor],
+            u_out: torch.Tensor, before_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The collect hop from the parameters' own buffers: ``u_out`` ← the flat running means,
+    ``before_out`` ← the flat parameters, and (Vᵀg and Vᵀu as (2, d), [‖g‖², ‖u‖²]) in one read
+    of V, without forming the flat gradient. All contiguous float32 CPU tensors, one gradient
+    and one running mean per parameter, shaped like it."""
+    d, total = vt.shape
+    nt = _threads()
+    for g, m, p in zip(grads, means, params, strict=True):
+        if g.numel() != p.numel() or m.numel() != p.numel():
+            raise ValueError("every gradient and running mean must have its parameter's size")
+    starts = _starts(params, total)
+    out = torch.empty(2 * d + 2, dtype=torch.float64)
+    parts = torch.empty(nt * (2 * d + 2), dtype=torch.float64)
+    _loaded().osfn_collect(_ptr(vt), d, total, len(params), _pointers(grads), _pointers(means), _pointers(params),
+                           starts, _ptr(u_out), _ptr(before_out), _ptr(out), nt, _ptr(parts))
+    return out[: 2 * d].view(2, d), out[2 * d:]
 
 
 def project_pair(vt: torch.Tensor, g: torch.Tensor, u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,7 @@ static int thread_id(void) {
 /* Calls f(piece start, piece end, pointer to the parameter element at piece start) for the
  * pieces of the flat range [s, e) that lie in one parameter each; seg_start has nseg + 1
  * entries (the flat offsets of the parameters, then D). */
-#define FOR_PIECES(s, e, nseg, seg, seg_start, BODY)                                   \
+#define FOR_PIECES(s, e, nseg, seg, seg_start, ...)                                    \
     do {                                                                                 \
         int64_t lo_ = 0, hi_ = (nseg);                                                   \
         while (hi_ - lo_ > 1) {                                                          \
@@ -47,7 +47,7 @@ static int thread_id(void) {
             int64_t j1 = (seg_start)[k_ + 1] < (e) ? (seg_start)[k_ + 1] : (e);          \
             if (j1 <= j0) continue;                                                      \
             float *th = (seg)[k_] + (j0 - (seg_start)[k_]);                              \
-            BODY;                                                                        \
+            __VA_ARGS__;                                                                 \
             j0 = j1;                                                                     \
         }                                                                                \
     } while (0)
@@ -153,6 +153,50 @@ void osfn_project_pair(const float *vt, int64_t d, int64_t D, const float *g, co
             float sg = 0.f, su = 0.f;
             for (int64_t j = 0; j < n; j++) sg += gs[j] * gs[j];
             if (us) for (int64_t j = 0; j < n; j++) su += us[j] * us[j];
+            loc[2 * d] += sg;
+            loc[2 * d + 1] += su;
+        }
+    }
+    sum_parts(parts, nthreads, w, out);
+}
+
+/* The collect hop straight from the parameters' own buffers: for nseg parameters with
+ * gradient g[k], running mean m[k] and value theta[k] (float32; flat offsets seg_start):
+ * u_out <- flat m (the source, kept for the apply hop: the base overwrites m), before_out <-
+ * flat theta, and out = (V^T g, V^T u, |g|^2, |u|^2) in one read of V; the flat gradient is
+ * never formed. parts: nthreads * (2d + 2) doubles. */
+void osfn_collect(const float *vt, int64_t d, int64_t D, int64_t nseg, float **g, float **m,
+                  float **theta, const int64_t *seg_start, float *u_out, float *before_out,
+                  double *out, int nthreads, double *parts) {
+    int64_t w = 2 * d + 2;
+    for (int64_t t = 0; t < (int64_t)nthreads * w; t++) parts[t] = 0.0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        double *loc = parts + (int64_t)thread_id() * w;
+        float gb[BLOCK];
+#pragma omp for schedule(static)
+        for (int64_t s = 0; s < D; s += BLOCK) {
+            int64_t n = D - s < BLOCK ? D - s : BLOCK;
+            float *us = u_out + s;
+            {
+                FOR_PIECES(s, s + n, nseg, theta, seg_start, {
+                    const float *gk = g[k_] + (j0 - seg_start[k_]), *mk = m[k_] + (j0 - seg_start[k_]);
+                    for (int64_t j = j0; j < j1; j++) {
+                        gb[j - s] = gk[j - j0];
+                        us[j - s] = mk[j - j0];
+                        before_out[j] = th[j - j0];
+                    }
+                });
+            }
+            for (int64_t i = 0; i < d; i++) {
+                const float *row = vt + i * D + s;
+                float ag = 0.f, au = 0.f;
+                for (int64_t j = 0; j < n; j++) { ag += row[j] * gb[j]; au += row[j] * us[j]; }
+                loc[i] += ag;
+                loc[d + i] += au;
+            }
+            float sg = 0.f, su = 0.f;
+            for (int64_t j = 0; j < n; j++) { sg += gb[j] * gb[j]; su += us[j] * us[j]; }
             loc[2 * d] += sg;
             loc[2 * d + 1] += su;
         }

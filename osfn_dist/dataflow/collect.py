@@ -37,6 +37,7 @@ def build_report(
     pair: torch.Tensor | None = None,
     coords_map: torch.Tensor | None = None,
     native: bool = False,
+    projected: tuple | None = None,
 ) -> tuple[Report, torch.Tensor, torch.Tensor | None]:
     """Returns the report, y = Vᵀg and the residual r = u − V Vᵀu of the vector u the
     subspace turns toward (``source``; default the gradient). y and r stay on the worker's
@@ -48,10 +49,13 @@ def build_report(
     ``grad`` and ``source``, so both projections take one pass over V. ``coords_map`` R
     (d, d): the basis is ``basis`` R (a rotation not yet applied to V; replicated basis
     without the exact residual only): every projection is mapped by Rᵀ. ``native``: both
-    projections and both squared norms in one C loop over V (``core.native``, float32 CPU)."""
+    projections and both squared norms in one C loop over V (``core.native``, float32 CPU).
+    ``projected`` = (Vᵀg and Vᵀu as (2, d), [‖g‖², ‖u‖²]) already computed (``core.native.collect``;
+    ``grad`` may then be None)."""
     sqnorms = None
-    if not layout.sharded and not exact_residual and native and native_kernels.usable(basis.T, grad, source):
-        both, sqnorms = native_kernels.project_pair(basis.T, grad, source)
+    if not layout.sharded and not exact_residual and (
+            projected is not None or (native and native_kernels.usable(basis.T, grad, source))):
+        both, sqnorms = projected if projected is not None else native_kernels.project_pair(basis.T, grad, source)
         both = both.to(basis.dtype)
         coords, src_coords, residual = both[0], both[0] if source is None else both[1], None
         if coords_map is not None:
