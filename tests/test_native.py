@@ -33,7 +33,7 @@ def test_the_kernels_build_wherever_there_is_a_compiler():
 
 
 @needs_native
-@pytest.mark.parametrize("rows, d, rank1", [(5_003, 8, True), (2_049, 1, False), (3_001, 13, True)])
+@pytest.mark.parametrize("rows, d, rank1", [(5_003, 8, True), (2_049, 1, False), (3_001, 13, True), (1_500, 20, True)])
 def test_move_and_update_matches_the_float64_formula(rows, d, rank1):
     basis, gen = _basis(rows, d, rows)
     v = basis.double().clone()
@@ -52,7 +52,7 @@ def test_move_and_update_matches_the_float64_formula(rows, d, rank1):
 
 
 @needs_native
-@pytest.mark.parametrize("rows, d, rank1", [(4_099, 8, False), (1_029, 5, True), (777, 16, True)])
+@pytest.mark.parametrize("rows, d, rank1", [(4_099, 8, False), (1_029, 5, True), (777, 16, True), (301, 20, True)])
 def test_right_multiply_matches_the_float64_product(rows, d, rank1):
     basis, gen = _basis(rows, d, rows)
     v = basis.double().clone()
@@ -64,8 +64,9 @@ def test_right_multiply_matches_the_float64_product(rows, d, rank1):
 
 
 @needs_native
-def test_project_pair_and_gram_match_torch():
-    rows, d = 6_007, 8
+@pytest.mark.parametrize("d", [8, 3, 20])  # 20: beyond the register kernels' 16 directions
+def test_project_pair_and_gram_match_torch(d):
+    rows = 6_007
     basis, gen = _basis(rows, d, 1)
     v = basis.double()
     g, u = torch.randn(rows, generator=gen), torch.randn(rows, generator=gen)

@@ -14,9 +14,20 @@
 #endif
 
 #define BLOCK 1024
+#define MAX_VEC_DIM 16 /* the vector-register kernels' largest d; beyond it, the generic loops */
+
+/* eight floats (GCC/Clang vector extension: one AVX register, or two SSE ones, or scalars) */
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline v8 load8(const float *p) { v8 v; __builtin_memcpy(&v, p, sizeof v); return v; }
+static inline void store8(float *p, v8 v) { __builtin_memcpy(p, &v, sizeof v); }
+static inline float hsum8(v8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 #define SMALL_BLOCK 256 /* d x 256 floats (8 KiB at d = 8) stay in L1 while d^2 products use them */
 
 /* out[k] = sum over threads t of parts[t * width + k], in thread order (deterministic) */
+static void pair_dispatch(int64_t d, const float *vb, int64_t D, int64_t n, const float *gb, const float *ub,
+                          double *loc);
+
 static void sum_parts(const double *parts, int nthreads, int64_t width, double *out) {
     for (int64_t k = 0; k < width; k++) {
         double acc = 0.0;
@@ -52,6 +63,86 @@ static int thread_id(void) {
         }                                                                                \
     } while (0)
 
+/* One block of n columns of the apply pass (vb = vt + s, rows D apart): m <- V coef,
+ * r = u - V a, q_loc += V^T p, sums3 += (r^T (m - p), |p|^2, |m - p|^2), then V += r c^T.
+ * Eight columns at a time with every direction's accumulator in a register: per element of
+ * V one load, three multiply-adds, and (with c) one more load and a store while in L1. */
+static inline __attribute__((always_inline)) void move_block(
+        int64_t d, float *vb, int64_t D, int64_t n, const float *coef, const float *a, const float *us,
+        const float *ps, const float *c, float *m, double *q_loc, float *sums3) {
+    v8 qv[MAX_VEC_DIM], dacc = {0}, pacc = {0}, sacc = {0};
+    for (int64_t i = 0; i < d; i++) qv[i] = (v8){0};
+    int64_t nv = n / 8 * 8;
+    for (int64_t j = 0; j < nv; j += 8) {
+        v8 p = load8(ps + j), mm = {0}, ll = {0};
+        for (int64_t i = 0; i < d; i++) {
+            v8 v = load8(vb + i * D + j);
+            mm += v * coef[i];
+            ll += v * a[i];
+            qv[i] += v * p;
+        }
+        v8 r = load8(us + j) - ll, st = mm - p;
+        dacc += r * st;
+        pacc += p * p;
+        sacc += st * st;
+        store8(m + j, mm);
+        if (c)
+            for (int64_t i = 0; i < d; i++) store8(vb + i * D + j, load8(vb + i * D + j) + r * c[i]);
+    }
+    float q_tail[MAX_VEC_DIM] = {0}, dt = 0.f, pt = 0.f, stt = 0.f;
+    for (int64_t j = nv; j < n; j++) {  /* the last n mod 8 columns */
+        float mm = 0.f, ll = 0.f, p = ps[j];
+        for (int64_t i = 0; i < d; i++) {
+            float v = vb[i * D + j];
+            mm += v * coef[i];
+            ll += v * a[i];
+            q_tail[i] += v * p;
+        }
+        float r = us[j] - ll, st = mm - p;
+        dt += r * st;
+        pt += p * p;
+        stt += st * st;
+        m[j] = mm;
+        if (c)
+            for (int64_t i = 0; i < d; i++) vb[i * D + j] += r * c[i];
+    }
+    for (int64_t i = 0; i < d; i++) q_loc[i] += (double)(hsum8(qv[i]) + q_tail[i]);
+    sums3[0] += hsum8(dacc) + dt;
+    sums3[1] += hsum8(pacc) + pt;
+    sums3[2] += hsum8(sacc) + stt;
+}
+
+/* move_block for any d: row by row through the block, m and l (then r) in memory. */
+static void move_block_generic(int64_t d, float *vb, int64_t D, int64_t n, const float *coef, const float *a,
+                               const float *us, const float *ps, const float *c, float *m, float *l,
+                               double *q_loc, float *sums3) {
+    for (int64_t j = 0; j < n; j++) { m[j] = 0.f; l[j] = 0.f; }
+    for (int64_t i = 0; i < d; i++) {
+        const float *row = vb + i * D;
+        float ci = coef[i], ai = a[i], acc = 0.f;
+        for (int64_t j = 0; j < n; j++) {
+            float v = row[j];
+            m[j] += ci * v;
+            l[j] += ai * v;
+            acc += v * ps[j];
+        }
+        q_loc[i] += acc;
+    }
+    for (int64_t j = 0; j < n; j++) {
+        float r = us[j] - l[j], step = m[j] - ps[j];
+        l[j] = r;
+        sums3[0] += r * step;
+        sums3[1] += ps[j] * ps[j];
+        sums3[2] += step * step;
+    }
+    if (c) {
+        for (int64_t i = 0; i < d; i++) {
+            float *row = vb + i * D;
+            for (int64_t j = 0; j < n; j++) row[j] += c[i] * l[j];
+        }
+    }
+}
+
 /* move = V coef;  r = u - V a;  q = V^T p;  then, if c is given, V <- V + r c^T (r is never
  * stored).  dots_out[0..2] = r^T (move - p), |p|^2, |move - p|^2.
  * With parameter segments (seg != NULL; nseg parameters, seg[k] the k-th one's float32 data,
@@ -81,25 +172,14 @@ void osfn_move_update(float *vt, int64_t d, int64_t D, const float *coef, const 
                            for (int64_t j = j0; j < j1; j++) pb[j - s] = p[j] - th[j - j0]);
                 ps = pb;
             }
-            for (int64_t j = 0; j < n; j++) { m[j] = 0.f; l[j] = 0.f; }
-            for (int64_t i = 0; i < d; i++) {
-                const float *row = vt + i * D + s;
-                float ci = coef[i], ai = a[i], acc = 0.f;
-                for (int64_t j = 0; j < n; j++) {
-                    float v = row[j];
-                    m[j] += ci * v;
-                    l[j] += ai * v;
-                    acc += v * ps[j];
-                }
-                q_loc[i] += acc;
-            }
-            float dacc = 0.f, pacc = 0.f, sacc = 0.f;
-            for (int64_t j = 0; j < n; j++) {
-                float r = us[j] - l[j], step = m[j] - ps[j];
-                l[j] = r;
-                dacc += r * step;
-                pacc += ps[j] * ps[j];
-                sacc += step * step;
+            float sums3[3] = {0.f, 0.f, 0.f};
+            switch (d) {  /* a constant d: the loops over directions unroll into registers */
+#define MOVE_CASE(K) case K: move_block(K, vt + s, D, n, coef, a, us, ps, c, m, q_loc, sums3); break;
+                MOVE_CASE(1) MOVE_CASE(2) MOVE_CASE(3) MOVE_CASE(4) MOVE_CASE(5) MOVE_CASE(6)
+                MOVE_CASE(7) MOVE_CASE(8) MOVE_CASE(9) MOVE_CASE(10) MOVE_CASE(11) MOVE_CASE(12)
+                MOVE_CASE(13) MOVE_CASE(14) MOVE_CASE(15) MOVE_CASE(16)
+#undef MOVE_CASE
+                default: move_block_generic(d, vt + s, D, n, coef, a, us, ps, c, m, l, q_loc, sums3);
             }
             if (seg) {
                 FOR_PIECES(s, s + n, nseg, seg, seg_start,
@@ -107,16 +187,9 @@ void osfn_move_update(float *vt, int64_t d, int64_t D, const float *coef, const 
             } else {
                 for (int64_t j = 0; j < n; j++) move[s + j] = m[j];
             }
-            dot_loc += dacc;
-            pp_loc += pacc;
-            ss_loc += sacc;
-            if (c) {
-                for (int64_t i = 0; i < d; i++) {
-                    float *row = vt + i * D + s;
-                    float ci = c[i];
-                    for (int64_t j = 0; j < n; j++) row[j] += ci * l[j];
-                }
-            }
+            dot_loc += sums3[0];
+            pp_loc += sums3[1];
+            ss_loc += sums3[2];
         }
         dot_parts[3 * tid] = dot_loc;
         dot_parts[3 * tid + 1] = pp_loc;
@@ -138,26 +211,75 @@ void osfn_project_pair(const float *vt, int64_t d, int64_t D, const float *g, co
 #pragma omp for schedule(static)
         for (int64_t s = 0; s < D; s += BLOCK) {
             int64_t n = D - s < BLOCK ? D - s : BLOCK;
-            const float *gs = g + s, *us = u ? u + s : NULL;
-            for (int64_t i = 0; i < d; i++) {
-                const float *row = vt + i * D + s;
-                float ag = 0.f, au = 0.f;
-                if (us) {
-                    for (int64_t j = 0; j < n; j++) { ag += row[j] * gs[j]; au += row[j] * us[j]; }
-                } else {
-                    for (int64_t j = 0; j < n; j++) ag += row[j] * gs[j];
-                }
-                loc[i] += ag;
-                loc[d + i] += au;
-            }
-            float sg = 0.f, su = 0.f;
-            for (int64_t j = 0; j < n; j++) sg += gs[j] * gs[j];
-            if (us) for (int64_t j = 0; j < n; j++) su += us[j] * us[j];
-            loc[2 * d] += sg;
-            loc[2 * d + 1] += su;
+            pair_dispatch(d, vt + s, D, n, g + s, u ? u + s : g + s, loc);  /* no u: its row is g's */
         }
     }
     sum_parts(parts, nthreads, w, out);
+    if (!u) {
+        for (int64_t i = 0; i < d; i++) out[d + i] = 0.0;
+        out[2 * d + 1] = 0.0;
+    }
+}
+
+/* One block of n columns of V^T g, V^T u and |g|^2, |u|^2 (vb = vt + s, rows D apart), added
+ * to loc = (q_g, q_u, |g|^2, |u|^2); eight columns at a time, accumulators in registers. */
+static inline __attribute__((always_inline)) void pair_block(int64_t d, const float *vb, int64_t D, int64_t n,
+                                                             const float *gb, const float *ub, double *loc) {
+    v8 qg[MAX_VEC_DIM], qu[MAX_VEC_DIM], sg = {0}, su = {0};
+    for (int64_t i = 0; i < d; i++) qg[i] = qu[i] = (v8){0};
+    int64_t nv = n / 8 * 8;
+    for (int64_t j = 0; j < nv; j += 8) {
+        v8 g = load8(gb + j), u = load8(ub + j);
+        for (int64_t i = 0; i < d; i++) {
+            v8 v = load8(vb + i * D + j);
+            qg[i] += v * g;
+            qu[i] += v * u;
+        }
+        sg += g * g;
+        su += u * u;
+    }
+    float tg[MAX_VEC_DIM] = {0}, tu[MAX_VEC_DIM] = {0}, tsg = 0.f, tsu = 0.f;
+    for (int64_t j = nv; j < n; j++) {
+        for (int64_t i = 0; i < d; i++) {
+            tg[i] += vb[i * D + j] * gb[j];
+            tu[i] += vb[i * D + j] * ub[j];
+        }
+        tsg += gb[j] * gb[j];
+        tsu += ub[j] * ub[j];
+    }
+    for (int64_t i = 0; i < d; i++) {
+        loc[i] += (double)(hsum8(qg[i]) + tg[i]);
+        loc[d + i] += (double)(hsum8(qu[i]) + tu[i]);
+    }
+    loc[2 * d] += (double)(hsum8(sg) + tsg);
+    loc[2 * d + 1] += (double)(hsum8(su) + tsu);
+}
+
+static void pair_block_generic(int64_t d, const float *vb, int64_t D, int64_t n, const float *gb,
+                               const float *ub, double *loc) {
+    for (int64_t i = 0; i < d; i++) {
+        const float *row = vb + i * D;
+        float ag = 0.f, au = 0.f;
+        for (int64_t j = 0; j < n; j++) { ag += row[j] * gb[j]; au += row[j] * ub[j]; }
+        loc[i] += ag;
+        loc[d + i] += au;
+    }
+    float sg = 0.f, su = 0.f;
+    for (int64_t j = 0; j < n; j++) { sg += gb[j] * gb[j]; su += ub[j] * ub[j]; }
+    loc[2 * d] += sg;
+    loc[2 * d + 1] += su;
+}
+
+static void pair_dispatch(int64_t d, const float *vb, int64_t D, int64_t n, const float *gb, const float *ub,
+                          double *loc) {
+    switch (d) {  /* a constant d: the loops over directions unroll into registers */
+#define PAIR_CASE(K) case K: pair_block(K, vb, D, n, gb, ub, loc); break;
+        PAIR_CASE(1) PAIR_CASE(2) PAIR_CASE(3) PAIR_CASE(4) PAIR_CASE(5) PAIR_CASE(6)
+        PAIR_CASE(7) PAIR_CASE(8) PAIR_CASE(9) PAIR_CASE(10) PAIR_CASE(11) PAIR_CASE(12)
+        PAIR_CASE(13) PAIR_CASE(14) PAIR_CASE(15) PAIR_CASE(16)
+#undef PAIR_CASE
+        default: pair_block_generic(d, vb, D, n, gb, ub, loc);
+    }
 }
 
 /* The collect hop straight from the parameters' own buffers: for nseg parameters with
@@ -188,17 +310,7 @@ void osfn_collect(const float *vt, int64_t d, int64_t D, int64_t nseg, float **g
                     }
                 });
             }
-            for (int64_t i = 0; i < d; i++) {
-                const float *row = vt + i * D + s;
-                float ag = 0.f, au = 0.f;
-                for (int64_t j = 0; j < n; j++) { ag += row[j] * gb[j]; au += row[j] * us[j]; }
-                loc[i] += ag;
-                loc[d + i] += au;
-            }
-            float sg = 0.f, su = 0.f;
-            for (int64_t j = 0; j < n; j++) { sg += gb[j] * gb[j]; su += us[j] * us[j]; }
-            loc[2 * d] += sg;
-            loc[2 * d + 1] += su;
+            pair_dispatch(d, vt + s, D, n, gb, us, loc);
         }
     }
     sum_parts(parts, nthreads, w, out);
@@ -234,10 +346,55 @@ void osfn_gram(const float *vt, int64_t d, int64_t D, double *gram, int nthreads
  * scratch: nthreads * d * SMALL_BLOCK floats. Eight columns at a time
  * in vector registers (GCC/Clang vector extension; plain scalar code where there is no SIMD):
  * d loads, d^2 multiply-adds and d stores per eight columns. */
-typedef float v8 __attribute__((vector_size(32)));
+/* Columns [full, D) of V <- V m (+ r c^T), one at a time (m padded to d4 columns). */
+static void right_multiply_tail(float *vt, int64_t d, int64_t D, int64_t full, const float *m, const float *c,
+                                const float *r) {
+    int64_t d4 = (d + 3) / 4 * 4;
+    for (int64_t j = full; j < D; j++) {
+        float col[256];
+        for (int64_t k = 0; k < d; k++) col[k] = vt[k * D + j];
+        for (int64_t i = 0; i < d; i++) {
+            float acc = r ? c[i] * r[j] : 0.f;
+            for (int64_t k = 0; k < d; k++) acc += col[k] * m[k * d4 + i];
+            vt[i * D + j] = acc;
+        }
+    }
+}
+
+/* Eight columns of V <- V m (+ r c^T) with every output direction's accumulator in a
+ * register: each element of V loaded once, d multiply-adds, stored once; no scratch. */
+static inline __attribute__((always_inline)) void rotate_columns(int64_t d, int64_t d4, float *vb, int64_t D,
+                                                                 const float *m, const float *c, const float *rb) {
+    v8 acc[MAX_VEC_DIM];
+    v8 rv = {0};
+    if (rb) rv = load8(rb);
+    for (int64_t i = 0; i < d; i++) acc[i] = rb ? rv * c[i] : (v8){0};
+    for (int64_t k = 0; k < d; k++) {
+        v8 xk = load8(vb + k * D);
+        for (int64_t i = 0; i < d; i++) acc[i] += xk * m[k * d4 + i];
+    }
+    for (int64_t i = 0; i < d; i++) store8(vb + i * D, acc[i]);
+}
 
 void osfn_right_multiply(float *vt, int64_t d, int64_t D, const float *m, const float *c,
                          const float *r, int nthreads, float *scratch) {
+    if (d <= MAX_VEC_DIM) {
+        int64_t full = D / 8 * 8, d4 = (d + 3) / 4 * 4;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+        for (int64_t j = 0; j < full; j += 8) {
+            float *vb = vt + j;
+            const float *rb = r ? r + j : NULL;
+            switch (d) {
+#define ROT_CASE(K) case K: rotate_columns(K, d4, vb, D, m, c, rb); break;
+                ROT_CASE(1) ROT_CASE(2) ROT_CASE(3) ROT_CASE(4) ROT_CASE(5) ROT_CASE(6)
+                ROT_CASE(7) ROT_CASE(8) ROT_CASE(9) ROT_CASE(10) ROT_CASE(11) ROT_CASE(12)
+                ROT_CASE(13) ROT_CASE(14) ROT_CASE(15) ROT_CASE(16)
+#undef ROT_CASE
+            }
+        }
+        right_multiply_tail(vt, d, D, full, m, c, r);
+        return;
+    }
     int64_t full = D / 8 * 8, d4 = (d + 3) / 4 * 4;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -267,13 +424,5 @@ void osfn_right_multiply(float *vt, int64_t d, int64_t D, const float *m, const 
             }
         }
     }
-    for (int64_t j = full; j < D; j++) {  /* the last D mod 8 columns */
-        float col[256];
-        for (int64_t k = 0; k < d; k++) col[k] = vt[k * D + j];
-        for (int64_t i = 0; i < d; i++) {
-            float acc = r ? c[i] * r[j] : 0.f;
-            for (int64_t k = 0; k < d; k++) acc += col[k] * m[k * d4 + i];
-            vt[i * D + j] = acc;
-        }
-    }
+    right_multiply_tail(vt, d, D, full, m, c, r);
 }
