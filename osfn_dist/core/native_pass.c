@@ -316,6 +316,31 @@ void osfn_collect(const float *vt, int64_t d, int64_t D, int64_t nseg, float **g
     sum_parts(parts, nthreads, w, out);
 }
 
+/* One block of n columns of V^T V's upper triangle (vb = vt + s), added to loc (d x d):
+ * eight columns at a time, the d loaded rows reused for all d(d+1)/2 products. */
+static inline __attribute__((always_inline)) void gram_block(int64_t d, const float *vb, int64_t D, int64_t n,
+                                                             double *loc) {
+    v8 acc[MAX_VEC_DIM * (MAX_VEC_DIM + 1) / 2];
+    int64_t pairs = d * (d + 1) / 2;
+    for (int64_t t = 0; t < pairs; t++) acc[t] = (v8){0};
+    int64_t nv = n / 8 * 8;
+    for (int64_t j = 0; j < nv; j += 8) {
+        v8 x[MAX_VEC_DIM];
+        for (int64_t i = 0; i < d; i++) x[i] = load8(vb + i * D + j);
+        int64_t t = 0;
+        for (int64_t i = 0; i < d; i++)
+            for (int64_t k = i; k < d; k++) acc[t++] += x[i] * x[k];
+    }
+    int64_t t = 0;
+    for (int64_t i = 0; i < d; i++) {
+        for (int64_t k = i; k < d; k++, t++) {
+            float tail = 0.f;
+            for (int64_t j = nv; j < n; j++) tail += vb[i * D + j] * vb[k * D + j];
+            loc[i * d + k] += (double)(hsum8(acc[t]) + tail);
+        }
+    }
+}
+
 /* G = V^T V (d x d, row-major, doubles), one read of V. parts: nthreads * d * d doubles. */
 void osfn_gram(const float *vt, int64_t d, int64_t D, double *gram, int nthreads, double *parts) {
     for (int64_t t = 0; t < (int64_t)nthreads * d * d; t++) parts[t] = 0.0;
@@ -325,14 +350,22 @@ void osfn_gram(const float *vt, int64_t d, int64_t D, double *gram, int nthreads
 #pragma omp for schedule(static)
         for (int64_t s = 0; s < D; s += SMALL_BLOCK) {
             int64_t n = D - s < SMALL_BLOCK ? D - s : SMALL_BLOCK;
-            for (int64_t i = 0; i < d; i++) {
-                const float *ri = vt + i * D + s;
-                for (int64_t k = i; k < d; k++) {
-                    const float *rk = vt + k * D + s;
-                    float acc = 0.f;
-                    for (int64_t j = 0; j < n; j++) acc += ri[j] * rk[j];
-                    loc[i * d + k] += acc;
-                }
+            switch (d) {
+#define GRAM_CASE(K) case K: gram_block(K, vt + s, D, n, loc); break;
+                GRAM_CASE(1) GRAM_CASE(2) GRAM_CASE(3) GRAM_CASE(4) GRAM_CASE(5) GRAM_CASE(6)
+                GRAM_CASE(7) GRAM_CASE(8) GRAM_CASE(9) GRAM_CASE(10) GRAM_CASE(11) GRAM_CASE(12)
+                GRAM_CASE(13) GRAM_CASE(14) GRAM_CASE(15) GRAM_CASE(16)
+#undef GRAM_CASE
+                default:
+                    for (int64_t i = 0; i < d; i++) {
+                        const float *ri = vt + i * D + s;
+                        for (int64_t k = i; k < d; k++) {
+                            const float *rk = vt + k * D + s;
+                            float acc = 0.f;
+                            for (int64_t j = 0; j < n; j++) acc += ri[j] * rk[j];
+                            loc[i * d + k] += acc;
+                        }
+                    }
             }
         }
     }
