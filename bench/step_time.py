@@ -3,6 +3,7 @@
     python bench/step_time.py                       # ~1M-parameter MLP, d = 8, CPU
     python bench/step_time.py --width 2048 --d 16   # bigger model / subspace
     python bench/step_time.py --device cuda         # on a GPU (name the card with the numbers)
+    python bench/step_time.py --workload char_lm --batch 32   # the built-in transformer LM
 
 Rounds interleave the optimizers (AdamW, OSFN, AdamW, OSFN, ...) so background load hits
 both alike; the table reports means and the OSFN/AdamW ratios of the whole training step
@@ -57,7 +58,7 @@ class OneReadOfV:
         return statistics.median(self.times)
 
 
-def _profile(opt, model, x, y, steps: int, v_read: float, dev: str) -> None:
+def _profile(opt, model, x, y, loss_fn, steps: int, v_read: float, dev: str) -> None:
     """Where an OSFN step's time goes: the optimizer's own phases (torch.profiler labels
     ``osfn.*``), per step, also in reads of V."""
     from torch.profiler import ProfilerActivity, profile
@@ -65,7 +66,7 @@ def _profile(opt, model, x, y, steps: int, v_read: float, dev: str) -> None:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.startswith("cuda") else [])
     with profile(activities=acts) as prof:
         for _ in range(steps):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -88,6 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, default=1024, help="hidden width (1024: 1.05M parameters)")
     ap.add_argument("--d", type=int, default=8)
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--workload", help="time a built-in workload's model and loss instead of the MLP "
+                                       "(e.g. char_lm, the small causal transformer LM; --width is then ignored)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=30, help="timed steps per round")
     ap.add_argument("--device", default="cpu")
@@ -98,8 +101,23 @@ def main(argv=None) -> int:
                          "parameters, where every OSFN holds its own 32 GB basis")
     args = ap.parse_args(argv)
     dev = args.device
-    x = torch.randn(args.batch, 512, device=dev)
-    y = torch.randint(0, 10, (args.batch,), device=dev)
+    if args.workload:  # a built-in workload's model, loss and first minibatch
+        from osfn_dist.workloads import get_workload
+
+        workload = get_workload(args.workload, 0)
+        _, x, y = next(iter(workload.batches(1, 0, batch_size=args.batch)))
+        x, y, loss_fn = x.to(dev), y.to(dev), workload.loss_fn
+
+        def make_model():
+            torch.manual_seed(0)
+            return workload.build_model().to(dev)
+    else:
+        x = torch.randn(args.batch, 512, device=dev)
+        y = torch.randint(0, 10, (args.batch,), device=dev)
+        loss_fn = torch.nn.functional.cross_entropy
+
+        def make_model():
+            return build(args.width, dev)
     makers = {
         "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
         "AdamW (fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
@@ -115,7 +133,7 @@ def main(argv=None) -> int:
         if unknown:
             ap.error(f"unknown --only {sorted(unknown)}; choose from {list(makers)}")
         makers = {k: v for k, v in makers.items() if k in ("AdamW", "AdamW (fused)") or k in args.only}
-    models = {k: build(args.width, dev) for k in makers}
+    models = {k: make_model() for k in makers}
     opts = {k: makers[k](models[k].parameters()) for k in makers}
     n_params = sum(p.numel() for p in next(iter(models.values())).parameters())
     step_t: dict[str, list[float]] = {k: [] for k in makers}
@@ -128,7 +146,7 @@ def main(argv=None) -> int:
             for i in range(args.steps):
                 sync(dev)
                 t0 = time.perf_counter()
-                loss = torch.nn.functional.cross_entropy(m(x), y)
+                loss = loss_fn(m(x), y)
                 o.zero_grad(set_to_none=True)
                 loss.backward()
                 sync(dev)
@@ -142,7 +160,8 @@ def main(argv=None) -> int:
     base = "AdamW"
     fastest = "AdamW (fused)"
     v_read = unit.median()
-    print(f"{n_params:,} parameters, batch {args.batch}, device {dev}, {args.rounds}×{args.steps} interleaved steps each")
+    what = f"workload {args.workload}" if args.workload else "MLP"
+    print(f"{what}, {n_params:,} parameters, batch {args.batch}, device {dev}, {args.rounds}×{args.steps} interleaved steps each")
     print(f"one read of V (d={args.d}: a (d, D) × (D,) product) = {v_read * 1e3:.3f} ms (median of "
           f"{len(unit.times)}, timed between the optimizers in every round)\n")
     # means, not medians: with curvature_every = k the median would hide the one step in k
@@ -158,7 +177,7 @@ def main(argv=None) -> int:
         print(f"| {k} | {st:.2f} | {ot:.2f} | {st / sb:.2f}× | {st / sf:.2f}× | {reads:.1f} |")
     osfn = next((k for k in makers if k.startswith("OSFN")), None)
     if args.profile and osfn is not None:
-        _profile(opts[osfn], models[osfn], x, y, args.steps, v_read, dev)
+        _profile(opts[osfn], models[osfn], x, y, loss_fn, args.steps, v_read, dev)
     return 0
 
 
