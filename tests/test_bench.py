@@ -100,3 +100,7 @@ def test_step_time_bench_prints_the_reads_of_v_table():
         assert name in rows, out.stdout
     assert rows["AdamW (fused)"].rstrip(" |").endswith("| 1.00× | 0.0")
     assert "one read of V" in out.stdout and "osfn.newton_move" in out.stdout
+    lm = subprocess.run([sys.executable, str(script), "--workload", "char_lm", "--batch", "4", "--rounds", "1",
+                         "--steps", "2", "--every", "--only", "OSFN d=8"], capture_output=True, text=True, timeout=300)
+    assert lm.returncode == 0, lm.stderr
+    assert lm.stdout.startswith("workload char_lm, ") and "| OSFN d=8 |" in lm.stdout
