@@ -56,21 +56,24 @@ def build_default_bases(groups: list[dict], config: OSFNConfig) -> list[Optimize
         bases.append(torch.optim.Muon(muon_groups))
     if adam_groups:
         adam_params = [p for g in adam_groups for p in g["params"]]
-        bases.append(torch.optim.AdamW(adam_groups, fused=_fused_ok(adam_params) or None))
+        bases.append(torch.optim.AdamW(adam_groups, fused=fused_ok(adam_params) or None))
     if sgd_groups:
         bases.append(torch.optim.SGD(sgd_groups, lr=sgd_groups[0]["lr"]))
     return bases
 
 
-def _fused_ok(params: list[torch.Tensor]) -> bool:
+def fused_ok(params: list[torch.Tensor]) -> bool:
     """torch's fused AdamW (one kernel for the whole step, the fastest AdamW torch has: 0.4×
     the default's optimizer step at 1M parameters on CPU, bench/step_time.py) where it
     applies: plain floating-point tensors on the CPU or a CUDA device. DTensors (FSDP2) keep
     torch's default implementation."""
-    from torch.distributed.tensor import DTensor
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without torch.distributed: no DTensors either
+        DTensor = ()  # noqa: N806
 
     return bool(params) and all(
-        type(p) is not DTensor and not isinstance(p.data, DTensor) and p.is_floating_point()
+        not isinstance(p, DTensor) and not isinstance(p.data, DTensor) and p.is_floating_point()
         and p.device.type in ("cpu", "cuda") for p in params
     )
 
