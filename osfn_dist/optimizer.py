@@ -192,7 +192,6 @@ class OSFN(Optimizer):
         self._anchor: torch.Tensor | None = None
         self._pair: torch.Tensor | None = None  # see _pair_buffer
         self._scratch: dict[str, torch.Tensor] = {}  # see _buffer
-        self._applied: torch.Tensor | None = None  # the whole step Δθ, where formed (for its norm)
         self._presynced = None  # sync_gradients() ran for this step (see there)
         self._ddp_projections = None  # watch_ddp()
         self._steps = 0
@@ -376,9 +375,9 @@ class OSFN(Optimizer):
     def _native_collect(self, params, owners, has_grad, basis, pair):
         """The collect hop in one native pass from the parameters' own gradients, running
         means and values (``core.native.collect``): the source into pair[1], θ into the
-        "before" buffer, and the projections with their norms. None where it does not
-        apply (the momentum source only; every parameter with a gradient and a running mean,
-        all contiguous float32 CPU tensors): the caller then flattens and projects."""
+        "before" buffer; returns (the projections with their norms, that buffer). None where
+        it does not apply (the momentum source only; every parameter with a gradient and a
+        running mean, all contiguous float32 CPU tensors): the caller then flattens and projects."""
         if pair is None or self.param_groups[0]["subspace_source"] != "momentum" or not all(has_grad):
             return None
         local_params = [local(p) for p in params]
@@ -394,7 +393,7 @@ class OSFN(Optimizer):
         if any(g.shape != p.shape or m.shape != p.shape for g, m, p in zip(grads, means, local_params)):
             return None
         before = self._buffer("before", pair[1])
-        return native_kernels.collect(basis.T, grads, means, local_params, pair[1], before)
+        return native_kernels.collect(basis.T, grads, means, local_params, pair[1], before), before
 
     def _running_mean_source(self, params, owners, has_grad, dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """The subspace source read from the base's state before it steps (m_{t−1}).
@@ -620,7 +619,8 @@ class OSFN(Optimizer):
             if grad is None and lazy and native and sigma is None and not from_displacement:
                 projected = self._native_collect(params, owners, has_grad, basis, pair)
             if projected is not None:  # the source went to pair[1], θ to the "before" buffer
-                source, in_pair, before = pair[1], False, self._buffer("before", pair[1])
+                projected, before = projected
+                source, in_pair = pair[1], False
             else:
                 if grad is None:
                     grad = flat_gradient(params, basis.dtype, out=None if pair is None else pair[0])
@@ -686,9 +686,8 @@ class OSFN(Optimizer):
                 move, step_coords, residual = newton_move(
                     basis, disp_z, residual, update.step_coef, keep, layout,
                     source=source, source_coords=source_coords, compiled=compiled)
-            if not into:
-                self._apply_move(params, basis, moves, move, disp, disp_z, before, sigma, measure, fused,
-                                 from_displacement, step_coords, residual)
+            applied = None if into else self._apply_move(params, basis, moves, move, disp, disp_z, before, sigma,
+                                                         measure, fused, from_displacement, step_coords, residual)
         if not fused:
             with _phase("osfn.basis_update"):  # V ← V A + r cᵀ, re-orthonormalised on a cadence
                 self._basis = update_basis(basis, residual, update, layout)
@@ -696,8 +695,7 @@ class OSFN(Optimizer):
         if sq_norms is not None and sigma is None:  # ‖p‖² and ‖Δθ‖², summed in the one pass over V
             disp_norm, step_norm = sq_norms.clamp_min(0).sqrt().tolist()
         else:
-            disp_norm, step_norm = float(torch.linalg.vector_norm(disp)), float(torch.linalg.vector_norm(self._applied))
-        self._applied = None
+            disp_norm, step_norm = float(torch.linalg.vector_norm(disp)), float(torch.linalg.vector_norm(applied))
         self._last = {
             **update.diagnostics,
             "complement_step_norm": disp_norm,
@@ -706,9 +704,9 @@ class OSFN(Optimizer):
         }
 
     def _apply_move(self, params, basis, moves, move, disp, disp_z, before, sigma, measure, fused,
-                    from_displacement, step_coords, residual) -> None:
+                    from_displacement, step_coords, residual) -> torch.Tensor:
         """θ ← θ + move for the paths that form the move as a flat vector, and what the next
-        report needs of the whole step Δθ (its coordinates, rᵀΔθ)."""
+        report needs of the whole step Δθ (its coordinates, rᵀΔθ). Returns Δθ."""
         layout = self._layout
         if from_displacement:
             self._prev_disp = disp if not measure else disp.clone()
@@ -725,11 +723,11 @@ class OSFN(Optimizer):
         else:
             applied = move.sub_(disp)
         self._prev_step_coords = step_coords
-        self._applied = applied
         if not fused:
             if sigma is not None:  # the step in z, which the residual's dot product needs
                 applied_z = applied / sigma if measure else move_z.sub_(disp_z)
             self._residual_step_dot = layout.dot(residual, layout.rows(applied if sigma is None else applied_z))
+        return applied
 
     # -------------------------------------------------------- inspection
     @property

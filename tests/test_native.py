@@ -52,7 +52,7 @@ def test_move_and_update_matches_the_float64_formula(rows, d, rank1):
 
 
 @needs_native
-@pytest.mark.parametrize("rows, d, rank1", [(4_099, 8, False), (1_029, 5, True), (777, 16, True), (301, 20, True)])
+@pytest.mark.parametrize("rows, d, rank1", [(4_099, 8, False), (1_029, 5, True), (777, 16, True), (301, 20, True), (11, 300, True)])
 def test_right_multiply_matches_the_float64_product(rows, d, rank1):
     basis, gen = _basis(rows, d, rows)
     v = basis.double().clone()

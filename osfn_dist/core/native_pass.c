@@ -379,12 +379,12 @@ void osfn_gram(const float *vt, int64_t d, int64_t D, double *gram, int nthreads
  * scratch: nthreads * d * SMALL_BLOCK floats. Eight columns at a time
  * in vector registers (GCC/Clang vector extension; plain scalar code where there is no SIMD):
  * d loads, d^2 multiply-adds and d stores per eight columns. */
-/* Columns [full, D) of V <- V m (+ r c^T), one at a time (m padded to d4 columns). */
+/* Columns [full, D) of V <- V m (+ r c^T), one at a time (m padded to d4 columns); col:
+ * scratch for one column (d floats). */
 static void right_multiply_tail(float *vt, int64_t d, int64_t D, int64_t full, const float *m, const float *c,
-                                const float *r) {
+                                const float *r, float *col) {
     int64_t d4 = (d + 3) / 4 * 4;
     for (int64_t j = full; j < D; j++) {
-        float col[256];
         for (int64_t k = 0; k < d; k++) col[k] = vt[k * D + j];
         for (int64_t i = 0; i < d; i++) {
             float acc = r ? c[i] * r[j] : 0.f;
@@ -425,7 +425,7 @@ void osfn_right_multiply(float *vt, int64_t d, int64_t D, const float *m, const 
 #undef ROT_CASE
             }
         }
-        right_multiply_tail(vt, d, D, full, m, c, r);
+        right_multiply_tail(vt, d, D, full, m, c, r, scratch);
         return;
     }
     int64_t full = D / 8 * 8, d4 = (d + 3) / 4 * 4;
@@ -457,5 +457,5 @@ void osfn_right_multiply(float *vt, int64_t d, int64_t D, const float *m, const 
             }
         }
     }
-    right_multiply_tail(vt, d, D, full, m, c, r);
+    right_multiply_tail(vt, d, D, full, m, c, r, scratch);
 }
