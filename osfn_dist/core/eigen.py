@@ -6,6 +6,8 @@ tolerance, a float64 ``eigh`` takes over. Everything here is d×d.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -20,11 +22,14 @@ def offdiag_ratio(a: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(off) / total)
 
 
-def _wilkinson_shift(block: torch.Tensor) -> torch.Tensor:
-    """The eigenvalue of the symmetric 2×2 ``block`` closer to its last diagonal entry."""
-    p, q, r = block[0, 0], block[0, 1], block[1, 1]
+def _wilkinson_shift(block: torch.Tensor) -> float:
+    """The eigenvalue of the symmetric 2×2 ``block`` closer to its last diagonal entry.
+
+    In Python floats (the same IEEE double arithmetic as float64 tensors): one host read
+    instead of a dozen scalar tensor ops."""
+    (p, q), (_, r) = block.tolist()
     delta = (p - r) / 2
-    denom = abs(delta) + torch.sqrt(delta * delta + q * q)
+    denom = abs(delta) + math.sqrt(delta * delta + q * q)
     if denom == 0:
         return r
     sign = 1.0 if delta >= 0 else -1.0
@@ -38,13 +43,15 @@ def qr_step(a: torch.Tensor, active: int | None = None) -> tuple[torch.Tensor, t
     """
     d = a.shape[0]
     m = d if active is None else active
-    eye = torch.eye(d, dtype=a.dtype)
     if m <= 1:
-        return a.clone(), eye
+        return a.clone(), torch.eye(d, dtype=a.dtype)
     shift = _wilkinson_shift(a[m - 2 : m, m - 2 : m])
     qm, _ = torch.linalg.qr(a[:m, :m] - shift * torch.eye(m, dtype=a.dtype))
-    q = eye.clone()
-    q[:m, :m] = qm
+    if m == d:
+        q = qm
+    else:
+        q = torch.eye(d, dtype=a.dtype)
+        q[:m, :m] = qm
     new = q.T @ a @ q
     return 0.5 * (new + new.T), q
 
@@ -53,7 +60,7 @@ def qr_sweep(a: torch.Tensor, steps: int, tol: float = 1e-13) -> tuple[torch.Ten
     """``steps`` shifted QR steps with deflation: once the last row of the active block is
     (numerically) diagonal its eigenvalue is done and the block shrinks. Returns (A', Q)."""
     d = a.shape[0]
-    q_total = torch.eye(d, dtype=a.dtype)
+    q_total = None
     scale = float(torch.linalg.matrix_norm(a)) or 1.0
     m = d
     for _ in range(steps):
@@ -62,8 +69,8 @@ def qr_sweep(a: torch.Tensor, steps: int, tol: float = 1e-13) -> tuple[torch.Ten
         if m <= 1:
             break
         a, q = qr_step(a, m)
-        q_total = q_total @ q
-    return a, q_total
+        q_total = q if q_total is None else q_total @ q
+    return a, torch.eye(d, dtype=a.dtype) if q_total is None else q_total
 
 
 def track_eigenbasis(

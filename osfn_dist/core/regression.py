@@ -32,19 +32,22 @@ class RegressionStats:
     def update(self, x: torch.Tensor, y: torch.Tensor, beta: float) -> None:
         """Add one sample (x, y), each (d,). The first samples of a direction get weight
         1/(n+1) (a plain mean) so the zero initial state does not bias the estimate."""
-        self.count += 1
-        b = torch.clamp(1.0 / self.count, min=beta)  # (d,)
+        # Functional (new tensors, nothing written in place): the service's all-or-nothing
+        # exchange then backs the statistics up with a shallow copy instead of clones.
+        count = self.count + 1
+        b = torch.clamp(1.0 / count, min=beta)  # (d,)
         bb = torch.sqrt(torch.outer(b, b))  # pairwise weight for the (i, j) entry
         dx = x - self.x_mean
-        self.x_mean += b * dx
+        x_mean = self.x_mean + b * dx
         dy = y - self.y_mean
-        self.y_mean += b * dy
+        y_mean = self.y_mean + b * dy
         # Welford-style: use the deviation from the old mean times the one from the new mean.
-        dx_new = x - self.x_mean
-        dy_new = y - self.y_mean
-        self.y_var += b * (dy * dy_new - self.y_var)
-        self.cov_xx += bb * (torch.outer(dx, dx_new) - self.cov_xx)
-        self.cov_yx += bb * (torch.outer(dy, dx_new) - self.cov_yx)
+        dx_new = x - x_mean
+        dy_new = y - y_mean
+        self.count, self.x_mean, self.y_mean = count, x_mean, y_mean
+        self.y_var = self.y_var + b * (dy * dy_new - self.y_var)
+        self.cov_xx = self.cov_xx + bb * (torch.outer(dx, dx_new) - self.cov_xx)
+        self.cov_yx = self.cov_yx + bb * (torch.outer(dy, dx_new) - self.cov_yx)
 
     def transform(self, t: torch.Tensor) -> None:
         """Re-express the statistics in a new basis with coordinates x' = T x, T (d, d).

@@ -117,10 +117,10 @@ class CurvatureService:
         All or nothing: a report that fails validation, or whose finite but huge values
         overflow the statistics, raises and leaves the model exactly as it was."""
         with self._lock:
-            # d-sized: cloning everything costs microseconds
-            backup = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
-            backup["stats"] = RegressionStats.from_state_dict(self.stats.state_dict())
-            backup["last_diagnostics"] = dict(self.last_diagnostics)
+            # Every update rebinds the model's tensors (nothing is written in place), so a
+            # shallow copy of the attributes is a complete backup
+            backup = dict(self.__dict__)
+            backup["stats"] = dataclasses.replace(self.stats)
             try:
                 update = self._exchange(report)
                 if not self._finite(update):
@@ -148,36 +148,28 @@ class CurvatureService:
                 f"report has {y.shape[0]} gradient coordinates, the subspace has d={d}; "
                 "the worker and the curvature service must use the same subspace_dim"
             )
-        if not torch.isfinite(y).all() or not math.isfinite(report.grad_sqnorm) or report.grad_sqnorm < 0:
-            raise InvalidReportError("report holds non-finite or negative values; it was rejected")
-        if report.residual_sqnorm is not None and (
-            not math.isfinite(report.residual_sqnorm) or report.residual_sqnorm < 0
-        ):
-            raise InvalidReportError("report.residual_sqnorm must be finite and >= 0; it was rejected")
-        if not math.isfinite(report.residual_step_dot):
-            raise InvalidReportError("report.residual_step_dot is not finite; it was rejected")
-        if report.source_coords is not None:
-            sc = torch.as_tensor(report.source_coords, dtype=DTYPE).flatten()
-            sq = report.source_sqnorm
-            if sc.shape[0] != d:
-                raise DimensionMismatchError(f"report.source_coords must be {d} floats, got {sc.shape[0]}")
-            if not torch.isfinite(sc).all() or sq is None or not math.isfinite(sq) or sq < 0:
-                raise InvalidReportError("report.source_coords must be finite with a finite source_sqnorm >= 0")
-        for name in ("drift_coords", "prev_step_coords"):
+        arrays = {"grad_coords": y}
+        for name in ("source_coords", "drift_coords", "prev_step_coords"):
             value = getattr(report, name)
             if value is not None:
-                coords = torch.as_tensor(value, dtype=DTYPE).flatten()
+                arrays[name] = coords = torch.as_tensor(value, dtype=DTYPE).flatten()
                 if coords.shape[0] != d:
                     raise DimensionMismatchError(f"report.{name} must be {d} floats, got {coords.shape[0]}")
-                if not torch.isfinite(coords).all():
-                    raise InvalidReportError(f"report.{name} holds non-finite values; it was rejected")
         if report.worker_grad_coords is not None:
             w = torch.as_tensor(report.worker_grad_coords, dtype=DTYPE)
             if w.ndim != 2 or w.shape[1] != d:
                 raise DimensionMismatchError(f"worker_grad_coords must have shape (workers, {d}), got {tuple(w.shape)}")
-            if not torch.isfinite(w).all():
-                raise InvalidReportError("worker_grad_coords holds non-finite values; it was rejected")
-        self._check_magnitudes(report, y)
+            arrays["worker_grad_coords"] = w
+        if report.source_coords is not None and report.source_sqnorm is None:
+            raise InvalidReportError("report.source_coords must be finite with a finite source_sqnorm >= 0")
+        # One host read for every array: the largest magnitude (NaN if any is NaN). Only a
+        # report that fails it is examined field by field, for an error that names the field.
+        flat = [t.reshape(-1) for t in arrays.values()]
+        biggest = 0.0 if d == 0 else float((torch.cat(flat) if len(flat) > 1 else y).abs().max())
+        scalars = [report.grad_sqnorm, report.residual_step_dot, report.source_sqnorm, report.residual_sqnorm]
+        if not biggest <= MAX_COORD or not all(v is None or math.isfinite(v) for v in scalars):
+            self._check_values(report, arrays)
+        self._check_magnitudes(report)
         unknown = set(report.hyper) - set(LIVE_HYPERPARAMETERS)
         if unknown:
             raise InvalidReportError(
@@ -197,12 +189,24 @@ class CurvatureService:
         return y
 
     @staticmethod
-    def _check_magnitudes(report: Report, y: torch.Tensor) -> None:
-        """Finite values so large that their squares overflow (after the finiteness checks)."""
-        arrays = {"grad_coords": y}
-        for name in ("source_coords", "prev_step_coords", "drift_coords", "worker_grad_coords"):
-            if getattr(report, name) is not None:
-                arrays[name] = torch.as_tensor(getattr(report, name), dtype=DTYPE)
+    def _check_values(report: Report, arrays: dict) -> None:
+        """Field-by-field finiteness and magnitude checks, each error naming its field."""
+        if not torch.isfinite(arrays["grad_coords"]).all() or not math.isfinite(report.grad_sqnorm) or report.grad_sqnorm < 0:
+            raise InvalidReportError("report holds non-finite or negative values; it was rejected")
+        if report.residual_sqnorm is not None and (
+            not math.isfinite(report.residual_sqnorm) or report.residual_sqnorm < 0
+        ):
+            raise InvalidReportError("report.residual_sqnorm must be finite and >= 0; it was rejected")
+        if not math.isfinite(report.residual_step_dot):
+            raise InvalidReportError("report.residual_step_dot is not finite; it was rejected")
+        if "source_coords" in arrays:
+            sq = report.source_sqnorm
+            if not torch.isfinite(arrays["source_coords"]).all() or not math.isfinite(sq) or sq < 0:
+                raise InvalidReportError("report.source_coords must be finite with a finite source_sqnorm >= 0")
+        for name in ("drift_coords", "prev_step_coords", "worker_grad_coords"):
+            if name in arrays and not torch.isfinite(arrays[name]).all():
+                what = f"report.{name}" if name != "worker_grad_coords" else name
+                raise InvalidReportError(f"{what} holds non-finite values; it was rejected")
         for name, t in arrays.items():
             biggest = float(t.abs().max()) if t.numel() else 0.0
             if biggest > MAX_COORD:
@@ -210,6 +214,16 @@ class CurvatureService:
                     f"report.{name} holds values up to {biggest:.3g} in magnitude; beyond {MAX_COORD:g} their "
                     "squares overflow the curvature statistics. It was rejected; check the gradient scale"
                 )
+
+    @staticmethod
+    def _check_magnitudes(report: Report) -> None:
+        """Finite scalars so large (or negative) that the statistics would overflow or lie."""
+        if report.grad_sqnorm < 0:
+            raise InvalidReportError("report holds non-finite or negative values; it was rejected")
+        if report.residual_sqnorm is not None and report.residual_sqnorm < 0:
+            raise InvalidReportError("report.residual_sqnorm must be finite and >= 0; it was rejected")
+        if report.source_sqnorm is not None and report.source_sqnorm < 0:
+            raise InvalidReportError("report.source_coords must be finite with a finite source_sqnorm >= 0")
         if abs(report.residual_step_dot) > MAX_COORD:
             raise InvalidReportError(
                 f"report.residual_step_dot={report.residual_step_dot:.3g} is beyond {MAX_COORD:g} and would "
@@ -281,13 +295,13 @@ class CurvatureService:
         self.momentum = mu * self.momentum + (1 - mu) * y
         self.momentum_weight = mu * self.momentum_weight + (1 - mu)
         beta = float(h["forgetting"])
-        self.energy += beta * (y * y - self.energy)
+        self.energy = self.energy + beta * (y * y - self.energy)
         if report.worker_grad_coords is not None and len(report.worker_grad_coords) >= 2:
             w = torch.as_tensor(report.worker_grad_coords, dtype=DTYPE)
             sample_noise = w.var(dim=0, unbiased=True) / w.shape[0]
         else:
             sample_noise = self.stats.y_var
-        self.noise_var += beta * (sample_noise - self.noise_var) if self.step > 1 else sample_noise - self.noise_var
+        self.noise_var = self.noise_var + (beta * (sample_noise - self.noise_var) if self.step > 1 else sample_noise - self.noise_var)
 
         # (3)+(4) Hessian estimate on mature directions and its eigenbasis.
         mature = self.alive & (self.stats.count >= MIN_SAMPLES)
@@ -296,19 +310,26 @@ class CurvatureService:
         eigenvalues = torch.zeros(d, dtype=DTYPE)
         fallback = False
         residual = float("nan")
-        if idx.numel() > 0:
+        if idx.numel() == d:  # steady state: every direction is mature
+            sub = lambda m: m  # noqa: E731
+        else:
             sub = lambda m: m.index_select(0, idx).index_select(1, idx)  # noqa: E731
+        if idx.numel() > 0:
             hess = solve_symmetric_hessian(sub(self.stats.cov_xx), sub(self.stats.cov_yx), float(h["ridge"]))
             q_prev = sub(self.eigvecs)
             q_prev, _ = torch.linalg.qr(q_prev) if q_prev.numel() else (q_prev, None)
             lam, q, fallback = track_eigenbasis(hess, q_prev, self.config.eigen_method)
             self.eigh_fallbacks += int(fallback)
-            eigvecs[idx.unsqueeze(1), idx.unsqueeze(0)] = q
-            eigenvalues[idx] = lam
-            # relative residual of the symmetric fit C ≈ H Σ
+            if idx.numel() == d:
+                eigvecs, eigenvalues = q, lam
+            else:
+                eigvecs[idx.unsqueeze(1), idx.unsqueeze(0)] = q
+                eigenvalues[idx] = lam
+            # relative residual of the symmetric fit C ≈ H Σ (one host read for both norms)
             c_sub = sub(self.stats.cov_yx)
-            denom = float(torch.linalg.matrix_norm(c_sub)) or 1.0
-            residual = float(torch.linalg.matrix_norm(c_sub - hess @ sub(self.stats.cov_xx))) / denom
+            norms = torch.linalg.matrix_norm(torch.stack([c_sub, c_sub - hess @ sub(self.stats.cov_xx)]))
+            denom, misfit = norms.tolist()
+            residual = misfit / (denom or 1.0)
         self.eigvecs, self.eigenvalues = eigvecs, eigenvalues
 
         # (5) saddle-free Newton step on the bias-corrected subspace momentum.
@@ -380,6 +401,7 @@ class CurvatureService:
             # re-orthonormalise at once, while the statistics are young, not 16 steps later
             reorth = self.version % int(h["reorth_every"]) == 0 or born is not None
         if born is not None:
+            self.alive = self.alive.clone()
             self.alive[born] = True
         self._carry(transform)
         # rotation angle of the subspace this step: how much of the old span left it.
