@@ -61,11 +61,19 @@ def qr_sweep(a: torch.Tensor, steps: int, tol: float = 1e-13) -> tuple[torch.Ten
     (numerically) diagonal its eigenvalue is done and the block shrinks. Returns (A', Q)."""
     d = a.shape[0]
     q_total = None
-    scale = float(torch.linalg.matrix_norm(a)) or 1.0
+    if d <= 1 or steps <= 0:
+        return a, torch.eye(d, dtype=a.dtype)
+    # the scale and the first deflation test in one host read
+    scale, last_row = torch.stack([torch.linalg.matrix_norm(a), torch.linalg.vector_norm(a[d - 1, : d - 1])]).tolist()
+    scale = scale or 1.0
     m = d
-    for _ in range(steps):
-        while m > 1 and float(torch.linalg.vector_norm(a[m - 1, : m - 1])) <= tol * scale:
+    for i in range(steps):
+        if i > 0:
+            last_row = float(torch.linalg.vector_norm(a[m - 1, : m - 1]))
+        while m > 1 and last_row <= tol * scale:
             m -= 1
+            if m > 1:
+                last_row = float(torch.linalg.vector_norm(a[m - 1, : m - 1]))
         if m <= 1:
             break
         a, q = qr_step(a, m)
@@ -92,7 +100,10 @@ def track_eigenbasis(
             q = q @ step_q
         except RuntimeError:
             ok = False
-        if ok and torch.isfinite(a).all() and offdiag_ratio(a) <= tol:
-            return torch.diagonal(a).clone(), q, False
+        if ok:
+            # ‖A‖ and ‖offdiag(A)‖ in one host read; a non-finite A has a non-finite ‖A‖
+            total, off = torch.linalg.matrix_norm(torch.stack([a, a - torch.diag(torch.diagonal(a))])).tolist()
+            if math.isfinite(total) and (total == 0 or off / total <= tol):
+                return torch.diagonal(a).clone(), q, False
     evals, q = torch.linalg.eigh(h.to(torch.float64))
     return evals, q, method == "qr"

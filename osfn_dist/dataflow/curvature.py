@@ -45,6 +45,7 @@ class CurvatureService:
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         d = self.dim
+        self._eye = torch.eye(d, dtype=DTYPE)  # shared, never written in place
         self.stats = RegressionStats.zeros(d)
         self.eigvecs = torch.eye(d, dtype=DTYPE)
         self.eigenvalues = torch.zeros(d, dtype=DTYPE)
@@ -55,7 +56,7 @@ class CurvatureService:
         self.position = torch.zeros(d, dtype=DTYPE)
         self.alive = torch.zeros(d, dtype=torch.bool)
         self.pending_residual = torch.zeros(d, dtype=DTYPE)
-        self.last_transform = torch.eye(d, dtype=DTYPE)
+        self.last_transform = self._eye
         self.step = 0
         self.version = 0
         self.updates = 0
@@ -138,7 +139,8 @@ class CurvatureService:
                    *self.stats.__dict__.values()]
         tensors += [t for t in (update.rotation, update.residual_coef) if t is not None]
         # one check over all of them (d-sized: a copy costs less than a dozen separate syncs)
-        return bool(torch.isfinite(torch.cat([t.reshape(-1).to(DTYPE) for t in tensors])).all())
+        flat = [t.reshape(-1) if t.dtype == DTYPE else t.reshape(-1).to(DTYPE) for t in tensors]
+        return bool(torch.isfinite(torch.cat(flat)).all())
 
     def _validate(self, report: Report) -> torch.Tensor:
         d = self.dim
@@ -306,8 +308,7 @@ class CurvatureService:
         # (3)+(4) Hessian estimate on mature directions and its eigenbasis.
         mature = self.alive & (self.stats.count >= MIN_SAMPLES)
         idx = torch.nonzero(mature).flatten()
-        eigvecs = torch.eye(d, dtype=DTYPE)
-        eigenvalues = torch.zeros(d, dtype=DTYPE)
+        eigvecs, eigenvalues = self._eye, torch.zeros(d, dtype=DTYPE)
         fallback = False
         residual = float("nan")
         if idx.numel() == d:  # steady state: every direction is mature
@@ -323,6 +324,7 @@ class CurvatureService:
             if idx.numel() == d:
                 eigvecs, eigenvalues = q, lam
             else:
+                eigvecs = eigvecs.clone()
                 eigvecs[idx.unsqueeze(1), idx.unsqueeze(0)] = q
                 eigenvalues[idx] = lam
             # relative residual of the symmetric fit C ≈ H Σ (one host read for both norms)
@@ -366,16 +368,17 @@ class CurvatureService:
         if d > 0 and self.step % int(h["basis_update_every"]) == 0:
             # Turning V into the Hessian eigenbasis costs the workers a D×d² product, so it
             # happens every reorth_every steps; in between the service steps with Q itself.
-            align = self.step % int(h["reorth_every"]) == 0 and not torch.equal(eigvecs, torch.eye(d, dtype=DTYPE))
+            align = self.step % int(h["reorth_every"]) == 0 and not (
+                eigvecs is self._eye or torch.equal(eigvecs, self._eye))
             rule = self.config.subspace_rule
             exploring = rule == "curvature" and bool(self.alive.all())  # filled: hold, explore, capture
             capture = None
             if exploring:
                 capture = self._escaped_direction(resid_sq, src_sq, eigenvalues)
                 align = align or capture is not None  # the replaced eigen-direction must be a column
-            frame = eigvecs if align else torch.eye(d, dtype=DTYPE)
-            src_f = frame.T @ src
-            energy_f = (frame * frame).T @ self.energy
+            frame = eigvecs if align else self._eye
+            src_f = frame.T @ src if align else src
+            energy_f = (frame * frame).T @ self.energy if align else self.energy
             replace_due = self.step % int(h["replace_every"]) == 0
             if capture is not None:
                 rule_rot, residual_coef, born = capture_direction(capture, resid_sq, d)
@@ -392,7 +395,7 @@ class CurvatureService:
                 )
             if align or rule_rot is not None:
                 rotation = frame if rule_rot is None else frame @ rule_rot
-        transform = rotation.T if rotation is not None else torch.eye(d, dtype=DTYPE)
+        transform = rotation.T if rotation is not None else self._eye
         changed = rotation is not None or residual_coef is not None
         if changed:
             self.version += 1
@@ -406,26 +409,31 @@ class CurvatureService:
         self._carry(transform)
         # rotation angle of the subspace this step: how much of the old span left it.
         angle = 0.0
+        alive_count = int(self.alive.sum())
         if residual_coef is not None:
             resid_norm = resid_sq**0.5
             coef_eff = residual_coef.clone()
             if born is not None:
                 coef_eff[born] = 0.0
             angle = math.degrees(math.atan(float(torch.linalg.vector_norm(coef_eff)) * resid_norm))
-            if born is not None and base_version > 0 and bool(self.alive.sum() == d):
+            if born is not None and base_version > 0 and alive_count == d:
                 angle = max(angle, 90.0 / max(d, 1))
         self.pending_residual = residual_coef.clone() if residual_coef is not None else torch.zeros(d, dtype=DTYPE)
+        lams = eigenvalues.tolist()
+        # one host read for the scalar diagnostics
+        step_norm, noise_sum, energy_sum = torch.stack(
+            [torch.linalg.vector_norm(step_coef), self.noise_var.sum(), self.energy.sum()]).tolist()
         self.last_diagnostics = {
             "step": self.step,
             "basis_version": self.version,
-            "eigenvalues": eigenvalues.tolist(),
-            "negative_curvature": int((eigenvalues < 0).sum()),
+            "eigenvalues": lams,
+            "negative_curvature": sum(lam < 0 for lam in lams),
             "rotation_angle_deg": angle,
-            "subspace_step_norm": float(torch.linalg.vector_norm(step_coef)),
+            "subspace_step_norm": step_norm,
             "regression_residual": residual,
-            "noise_ratio": float(self.noise_var.sum() / max(float(self.energy.sum()), 1e-300)) if d else 0.0,
+            "noise_ratio": noise_sum / max(energy_sum, 1e-300) if d else 0.0,
             "eigh_fallbacks": self.eigh_fallbacks,
-            "alive_directions": int(self.alive.sum()),
+            "alive_directions": alive_count,
             "used_eigh_fallback": fallback,
             "captures": self.captures,
         }
@@ -463,7 +471,7 @@ class CurvatureService:
     def _carry(self, transform: torch.Tensor) -> None:
         """Re-express every d-sized quantity in the new basis coordinates x' = T x."""
         self.last_transform = transform
-        if torch.equal(transform, torch.eye(self.dim, dtype=DTYPE)):
+        if transform is self._eye or torch.equal(transform, self._eye):
             return
         self.stats.transform(transform)
         self.position = transform @ self.position
