@@ -91,7 +91,10 @@ def model_hvp(model: torch.nn.Module, loss_fn, inputs, targets) -> tuple[Callabl
     dim = sum(p.numel() for p in params)
 
     def hvp(vec: torch.Tensor) -> torch.Tensor:
-        with torch.enable_grad():
+        # callable from anywhere, the curvature service's inference mode included (the bench
+        # oracle runs it there); a clone outside inference mode can be saved for backward
+        with torch.inference_mode(False), torch.enable_grad():
+            vec = vec.clone()
             loss = loss_fn(model(inputs), targets)
             grads = torch.autograd.grad(loss, params, create_graph=True)
             flat = torch.cat([g.reshape(-1) for g in grads])
