@@ -155,6 +155,51 @@ def test_service_rejects_overflowing_report_and_keeps_its_state():
         assert torch.equal(after["tensors"][k], v)
 
 
+@pytest.mark.parametrize("where", ["regression", "carry"])
+def test_an_exchange_that_fails_midway_leaves_the_service_exactly_as_it_was(monkeypatch, where):
+    """The service backs its state up by a shallow copy, which is complete only while every
+    update rebinds its tensors: a failure after the statistics, energies and position moved
+    (in the Hessian solve) or after the basis transform and a newborn direction (in _carry)
+    must leave every tensor as it was, bit for bit."""
+    from osfn_dist import CurvatureService, OSFNConfig
+    from osfn_dist.dataflow import curvature
+    from osfn_dist.dataflow.messages import Report
+
+    gen = torch.Generator().manual_seed(0)
+    svc = CurvatureService(OSFNConfig(subspace_dim=4))
+
+    def report(step):
+        y = torch.randn(4, generator=gen, dtype=D64)
+        return Report(step=step, basis_version=svc.version, grad_coords=y, grad_sqnorm=float(y @ y) + 1.0,
+                      residual_sqnorm=1.0, prev_step_coords=0.01 * torch.randn(4, generator=gen, dtype=D64))
+
+    for step in range(1, 3 if where == "carry" else 9):  # "carry": while directions are still being born
+        svc.exchange(report(step))
+    before = svc.state_dict()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    if where == "regression":
+        monkeypatch.setattr(curvature, "solve_symmetric_hessian", boom)
+    else:
+        real = CurvatureService._carry
+
+        def carry_then_fail(self, transform):
+            real(self, transform)
+            assert bool(self.alive.sum() > 2)  # a direction was born in this exchange
+            boom()
+
+        monkeypatch.setattr(CurvatureService, "_carry", carry_then_fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        svc.exchange(report(9))
+    after = svc.state_dict()
+    assert after["scalars"] == before["scalars"]
+    for part in ("stats", "tensors"):
+        for k, v in before[part].items():
+            assert torch.equal(after[part][k], v), (part, k)
+
+
 def test_in_place_basis_products_match_plain_ones_across_slices():
     """V ← V m runs slice by slice (slices of 2^18 rows at this size): three slices, the last
     one short, must give exactly what one product gives; the paired projection must equal
