@@ -52,6 +52,8 @@ VARIANTS = {
     "reorth_every 64": {"reorth_every": 64},
     "preconditioned coordinates": {"coordinates": "preconditioned"},
     "preconditioned coordinates, d 4": {"coordinates": "preconditioned", "subspace_dim": 4},
+    "pipelined service": {"pipelined": True},
+    "preconditioned coordinates, pipelined service": {"coordinates": "preconditioned", "pipelined": True},
 }
 
 
@@ -71,6 +73,7 @@ def main(argv=None) -> int:
         tuned = {k: 2e-2 for k in tuned}
     names = args.variants or list(VARIANTS)
     results: dict[str, dict[str, float]] = {}
+    per_seed: dict[str, dict[str, list[float]]] = {}
     refs = ["adamw", "muon"]
     for w in args.workloads:
         workload = get_workload(w)
@@ -85,14 +88,24 @@ def main(argv=None) -> int:
             peer = Peer(name, _osfn(complement=args.complement, **VARIANTS[name]), lr)
             losses = [run_one(workload, peer, lr, s, args.steps)["final_train_loss"] for s in range(args.seeds)]
             results.setdefault(name, {})[w] = statistics.fmean(losses)
+            per_seed.setdefault(name, {})[w] = losses
             print(f"{w:20s} {name:55s} {results[name][w]:.4g}  ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
     print(f"| variant (complement {args.complement}) | " + " | ".join(args.workloads) + " |")
     print("|---|" + "---|" * len(args.workloads))
     for name, row in results.items():
         print(f"| {name} | " + " | ".join(f"{row[w]:.4g}" for w in args.workloads) + " |")
+    if len(names) > 1 and args.seeds > 1:  # paired, seed by seed, against the first variant
+        first = names[0]
+        print(f"\nseed by seed against '{first}' (ratio of means; seeds where the variant is lower):")
+        for name in names[1:]:
+            cells = []
+            for w in args.workloads:
+                a, b = per_seed[first][w], per_seed[name][w]
+                cells.append(f"{w} {statistics.fmean(b) / statistics.fmean(a):.3f}× ({sum(y < x for x, y in zip(a, b))}/{len(a)})")
+            print(f"- {name}: " + ", ".join(cells))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"means": results, "per_seed": per_seed}, f, indent=1)
     return 0
 
 

@@ -79,17 +79,6 @@ def _profile(opt, model, x, y, loss_fn, steps: int, v_read: float, dev: str) -> 
         print(f"| {key} | {ms:.2f} | {ms / (v_read * 1e3):.1f} |")
 
 
-def _pipelined(params, d: int) -> OSFN:
-    """OSFN whose in-process curvature service runs one step behind on a background thread."""
-    from osfn_dist.core.config import OSFNConfig
-    from osfn_dist.dataflow.curvature import CurvatureService
-    from osfn_dist.dataflow.exchange import InProcessExchange
-    from osfn_dist.dataflow.pipeline import PipelinedExchange
-
-    service = CurvatureService(OSFNConfig(lr=1e-3, subspace_dim=d), allow_stale=True)
-    return OSFN(params, lr=1e-3, subspace_dim=d, exchange=PipelinedExchange(InProcessExchange(service)))
-
-
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -137,7 +126,8 @@ def main(argv=None) -> int:
         f"OSFN d={args.d}, eager torch passes": lambda ps: OSFN(ps, lr=1e-3, subspace_dim=args.d, kernels="eager"),
         f"OSFN d={args.d}, compiled kernels": lambda ps: OSFN(ps, lr=1e-3, subspace_dim=args.d, kernels="compiled"),
     }
-    makers[f"OSFN d={args.d}, pipelined service"] = lambda ps: _pipelined(ps, args.d)
+    # the in-process service one step behind, on a thread
+    makers[f"OSFN d={args.d}, pipelined service"] = lambda ps: OSFN(ps, lr=1e-3, subspace_dim=args.d, pipelined=True)
     for k in args.every:
         makers[f"OSFN d={args.d} curvature_every={k}"] = lambda ps, k=k: OSFN(ps, lr=1e-3, subspace_dim=args.d, curvature_every=k)
     if args.only:

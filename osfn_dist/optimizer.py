@@ -18,6 +18,7 @@ from .core.subspace import as_basis_layout, new_basis, right_multiply_
 from .dataflow.apply import check_version, move_and_update, newton_move, scatter_add, update_basis
 from .dataflow.collect import build_report, flat_gradient, write_back
 from .dataflow.exchange import Exchange, InProcessExchange
+from .dataflow.pipeline import PipelinedExchange
 from .dataflow.messages import FIXED_SETTINGS, LIVE_HYPERPARAMETERS
 from .dataflow.curvature import CurvatureService
 from .dataflow.shard import REPLICATED, LocalShards, ShardedBasis, local, param_slices
@@ -119,14 +120,18 @@ class OSFN(Optimizer):
     enlarges it beyond its configured size (OneCycleLR's peak included).
 
     ``exchange``: where the curvature service lives (default: in this process). Pass a Ray
-    actor or gRPC exchange for distributed training. ``nonfinite='skip'`` skips steps whose
+    actor or gRPC exchange for distributed training. ``pipelined=True`` runs the in-process
+    service one step behind on a background thread (``dataflow.pipeline``: step t applies the
+    update computed from step t−1's report) — measured in the README's step-time section,
+    not the default. ``nonfinite='skip'`` skips steps whose
     gradient holds NaN/Inf (parameters and statistics untouched, counted in
     ``diagnostics['skipped_steps']``); ``'raise'`` raises :class:`NonFiniteGradientError`.
     """
 
     def __init__(
         self, params=None, lr: float | None = None, *, base=None, base_kwargs: dict | None = None,
-        exchange: Exchange | None = None, gradient_sync=None, shard_basis: bool = False, **hyper
+        exchange: Exchange | None = None, gradient_sync=None, shard_basis: bool = False, pipelined: bool = False,
+        **hyper
     ):
         unknown = set(hyper) - set(OSFNConfig.field_names())
         if unknown:
@@ -163,7 +168,16 @@ class OSFN(Optimizer):
         # the Newton step follows group 0's lr relative to this (see the class docstring)
         self._reference_lr = float(self.param_groups[0]["lr"])
         self._owns_service = exchange is None
-        self.exchange = exchange if exchange is not None else InProcessExchange(CurvatureService(self.config))
+        if pipelined and exchange is not None:
+            raise ConfigError("pipelined=True pipelines OSFN's own in-process service; for a Ray actor or gRPC "
+                              "exchange wrap it in dataflow.pipeline.PipelinedExchange (Ray: --staleness 1)")
+        if exchange is not None:
+            self.exchange = exchange
+        elif pipelined:
+            self.exchange = PipelinedExchange(InProcessExchange(CurvatureService(self.config, allow_stale=True)))
+        else:
+            self.exchange = InProcessExchange(CurvatureService(self.config))
+        self._pipelined = pipelined
         # Data parallel without DDP: a dataflow.distributed.GradientSync averages gradients
         # itself and gathers each worker's local projection (for noise estimates).
         self.gradient_sync = gradient_sync
@@ -778,7 +792,12 @@ class OSFN(Optimizer):
         }
         if isinstance(self._layout, LocalShards):
             worker.update(self._fsdp_rows())
-        if self._owns_service:
+        if self._owns_service and self._pipelined:
+            # drain first: the update in flight is kept (applied first after a resume) and the
+            # service is read only once nothing is computing on it
+            worker["pipeline"] = self.exchange.state_dict()
+            worker["service"] = self.exchange.inner.state_dict()
+        elif self._owns_service:
             worker["service"] = self.exchange.state_dict()
         sd["osfn"] = worker
         return sd
@@ -823,6 +842,11 @@ class OSFN(Optimizer):
         if len(bases) != len(self._bases):
             raise DimensionMismatchError(
                 f"checkpoint holds {len(bases)} base optimizer state(s), this OSFN wraps {len(self._bases)}")
+        if self._owns_service and not self._pipelined and (worker.get("pipeline") or {}).get("pending_update"):
+            # (checked before anything is loaded: a refused checkpoint changes nothing)
+            raise ConfigError(
+                "this checkpoint was written by OSFN(..., pipelined=True) with an update in flight; "
+                "load it into an OSFN built with pipelined=True")
         for base, sd in zip(self._bases, bases):
             base.load_state_dict(sd)
         if worker["subspace_dim"] != self.subspace_dim:
@@ -861,5 +885,10 @@ class OSFN(Optimizer):
         self._reference_lr = float(worker["reference_lr"])
         if "alive_directions" in worker:
             self._last = {**self._last, "alive_directions": worker["alive_directions"]}
-        if self._owns_service and "service" in worker:
+        if self._owns_service and self._pipelined:
+            self.exchange.drain()  # nothing may be computing on the service while it is replaced
+            if "service" in worker:
+                self.exchange.inner.load_state_dict(worker["service"])
+            self.exchange.load_state_dict(worker.get("pipeline", {}))
+        elif self._owns_service and "service" in worker:
             self.exchange.load_state_dict(worker["service"])

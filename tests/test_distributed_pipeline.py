@@ -119,3 +119,64 @@ class _Echo:
         return DirectionUpdate(step=report.step, base_version=0, new_version=0,
                                step_coef=torch.zeros(d, dtype=torch.float64),
                                residual_coef=torch.ones(d, dtype=torch.float64))
+
+
+def _own(pipelined: bool):
+    workload = get_workload("tiny_mlp", seed=0)
+    model = workload.build_model()
+    return workload, model, OSFN(model.parameters(), pipelined=pipelined, **HYPER)
+
+
+def test_pipelined_true_is_the_same_pipeline_as_wrapping_the_service_by_hand():
+    """OSFN(..., pipelined=True) builds the pipeline itself: the same trajectory, bit for bit,
+    as the hand-built PipelinedExchange (and a different one from the exact exchange)."""
+    workload, model, opt = _own(True)
+    batches = list(workload.batches(15, 0))
+    diags = _steps(workload, model, opt, batches)
+    assert diags[0]["pipeline_warmup"] and all(d["stale_by"] == 1 for d in diags[1:])
+    by_hand = _setup(_pipeline())
+    _steps(by_hand[0], by_hand[1], by_hand[2], batches)
+    assert torch.equal(_flat(model), _flat(by_hand[1]))
+    exact = _own(False)
+    _steps(exact[0], exact[1], exact[2], batches)
+    assert not torch.equal(_flat(model), _flat(exact[1]))
+
+
+def test_pipelined_true_checkpoints_the_service_and_the_update_in_flight_in_the_optimizer():
+    """The optimizer's own state_dict carries both the in-process service and the drained
+    update, so a resume continues the uninterrupted pipelined run exactly; a non-pipelined
+    OSFN refuses such a checkpoint before loading anything."""
+    workload, model, opt = _own(True)
+    batches = list(workload.batches(20, 0))
+    _steps(workload, model, opt, batches)
+    straight = _flat(model)
+
+    workload, model, opt = _own(True)
+    _steps(workload, model, opt, batches[:10])
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = opt.state_dict()
+    assert saved["osfn"]["pipeline"]["pending_update"] is not None
+    assert saved["osfn"]["service"]["scalars"]["step"] == 10  # the last report was processed
+
+    workload, model2, opt2 = _own(True)
+    model2.load_state_dict(saved_model)
+    opt2.load_state_dict(saved)
+    _steps(workload, model2, opt2, batches[10:])
+    assert torch.equal(_flat(model2), straight)
+
+    from osfn_dist.core.errors import ConfigError
+
+    workload, model3, opt3 = _own(False)
+    fresh = opt3.state_dict()
+    with pytest.raises(ConfigError, match="pipelined=True"):
+        opt3.load_state_dict(saved)
+    after = opt3.state_dict()
+    assert after["osfn"]["steps"] == fresh["osfn"]["steps"] == 0 and after["bases"] == fresh["bases"]
+
+
+def test_pipelined_true_refuses_an_exchange_of_its_own():
+    from osfn_dist.core.errors import ConfigError
+
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ConfigError, match="PipelinedExchange"):
+        OSFN(model.parameters(), pipelined=True, exchange=_pipeline(), **HYPER)
