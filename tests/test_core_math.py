@@ -232,13 +232,23 @@ def _random_update(gen, d, step, rotate, rank1, reorth):
 
 @pytest.mark.parametrize("rotate,rank1,reorth", [(True, True, False), (False, True, False), (False, False, False),
                                                  (True, True, True)])
-@pytest.mark.parametrize("lazy", [False, True])
-def test_fused_move_and_update_equals_the_composition(rotate, rank1, reorth, lazy):
+@pytest.mark.parametrize("lazy,max_cond", [(False, None), (True, float("inf")), (True, 1.0)])
+def test_fused_move_and_update_equals_the_composition(rotate, rank1, reorth, lazy, max_cond, monkeypatch):
     """The one-pass apply hop (slices of V in cache; several slices and a short last one at
     this size) gives what Vᵀp, newton_move and update_basis give in turn — over four steps,
     also when the rotations are only composed in d × d (lazy) and V R is the basis: the
-    moves, the subspace coordinates of the step, rᵀΔθ and V R all agree."""
+    moves, the subspace coordinates of the step, rᵀΔθ and V R all agree. Lazy, the
+    re-orthonormalisation is composed into R too, without a write of V (these random
+    rotations are far from orthogonal: ``max_cond`` ∞ lets R drift; at 1 R must be applied
+    and V re-orthonormalised instead)."""
+    import osfn_dist.core.subspace as subspace
+    import osfn_dist.dataflow.apply as apply
     from osfn_dist.dataflow.apply import move_and_update, newton_move, update_basis
+
+    if max_cond is not None:
+        monkeypatch.setattr(subspace, "LAZY_MAX_COND", max_cond)
+    writes = []
+    monkeypatch.setattr(apply, "right_multiply_", lambda *a, **k: writes.append(1) or subspace.right_multiply_(*a, **k))
 
     gen = torch.Generator().manual_seed(3)
     rows, d = 100_003, 8
@@ -260,7 +270,10 @@ def test_fused_move_and_update_equals_the_composition(rotate, rank1, reorth, laz
         current = basis if pending is None else basis @ pending
         torch.testing.assert_close(current, ref_basis, rtol=1e-9, atol=1e-11)
         assert basis.T.is_contiguous()
-        assert (pending is not None) == (lazy and not (reorth and step == 3))
+        folded = reorth and step == 3 and (not lazy or max_cond == 1.0)
+        assert (pending is not None) == (lazy and not folded)
+        assert len(writes) == (lazy and folded)  # R applied to V only where it must be
+        writes.clear()
 
 
 def test_slices_of_v_fit_a_cpu_cache_and_stay_few_on_a_gpu():

@@ -166,8 +166,8 @@ def _train(kernels, steps=60):
 
 @needs_native
 def test_the_optimizer_uses_the_native_passes_by_default_and_agrees_with_torch(monkeypatch):
-    calls = {"move": 0, "project": 0}
-    real_move, real_project = native.move_into_params_, native.collect
+    calls = {"move": 0, "project": 0, "write": 0}
+    real_move, real_project, real_write = native.move_into_params_, native.collect, native.right_multiply_
 
     def move(*args, **kwargs):
         calls["move"] += 1
@@ -177,10 +177,19 @@ def test_the_optimizer_uses_the_native_passes_by_default_and_agrees_with_torch(m
         calls["project"] += 1
         return real_project(*args, **kwargs)
 
+    def write(*args, **kwargs):
+        calls["write"] += 1
+        return real_write(*args, **kwargs)
+
     monkeypatch.setattr(native, "move_into_params_", move)
     monkeypatch.setattr(native, "collect", project)
+    monkeypatch.setattr(native, "right_multiply_", write)
     theta_native, diag_native = _train("auto")
     assert calls["move"] > 40 and calls["project"] > 40  # every step once the directions are filled
+    # re-orthonormalisation (steps 16, 32, 48) composed in d × d once the directions are
+    # full: V itself is rewritten only on the first (V ← V R, then CholeskyQR2's two; 9 writes
+    # when every one rewrote V)
+    assert calls["write"] <= 3
     before = dict(calls)
     theta_eager, diag_eager = _train("eager")
     assert calls == before  # "eager" never calls them

@@ -208,6 +208,35 @@ def cholesky_qr2(basis: torch.Tensor, alive: torch.Tensor | None = None, allredu
     return basis
 
 
+# how far from orthogonal the pending R of the lazy path may drift before it is applied to V
+# (the stored V is then as well conditioned as R: cond(V) = cond(R) for an orthonormal V R)
+LAZY_MAX_COND = 1.01
+
+
+def orthonormalizing_factor(basis: torch.Tensor, right: torch.Tensor, native: bool = False) -> torch.Tensor | None:
+    """P (d, d) with V P orthonormal, for a basis V R that is nearly so: CholeskyQR2 of V R
+    done in d × d from one Gram matrix VᵀV — one read of V, no write (the eager route,
+    V ← V R and two CholeskyQR passes, reads V five times and writes it three). The lazy path
+    keeps P as its pending rotation. None when VᵀV is not positive definite or P's
+    condition number exceeds ``LAZY_MAX_COND`` (then apply R and use ``cholesky_qr2``)."""
+    vt = as_basis_layout(basis).T
+    if native and native_kernels.usable(vt):
+        gram = native_kernels.gram(vt).to(vt.device)
+    else:
+        gram = (vt @ vt.T).to(torch.float64)
+    p = right.to(device=gram.device, dtype=torch.float64)
+    eye = torch.eye(p.shape[0], dtype=torch.float64, device=gram.device)
+    for _ in range(2):  # the second pass corrects the first one's rounding, as in CholeskyQR2
+        chol, info = torch.linalg.cholesky_ex(p.T @ gram @ p)
+        if int(info) != 0:
+            return None
+        p = p @ torch.linalg.solve_triangular(chol.T, eye, upper=True)
+    sv = torch.linalg.svdvals(p)
+    if float(sv[0] / sv[-1]) > LAZY_MAX_COND:
+        return None
+    return p
+
+
 def qr_keep_orientation(m: torch.Tensor) -> torch.Tensor:
     """Q of m = QR with R's diagonal made non-negative: as CholeskyQR, no column flips its
     sign (Householder QR may), so the curvature service's coordinates keep their meaning."""

@@ -6,7 +6,8 @@ import torch
 
 from ..core import kernels
 from ..core.errors import VersionMismatchError
-from ..core.subspace import apply_basis_update, cholesky_qr2, move_and_update_, right_multiply_
+from ..core.subspace import (apply_basis_update, cholesky_qr2, move_and_update_, orthonormalizing_factor,
+                             right_multiply_)
 from .messages import DirectionUpdate
 from .shard import REPLICATED, param_slices
 
@@ -60,7 +61,8 @@ def move_and_update(
     step's rotation A into R (R ← R A, d × d work) instead of multiplying V by it (a
     D × d² product, the costliest part of the pass on CPU); the rank-1 term is then added to
     the stored V as r ((R A)⁻ᵀ c)ᵀ, so that V R A + r cᵀ is the basis the service expects.
-    A re-orthonormalisation step applies R first. ``native``: the passes over V in the C
+    A re-orthonormalisation step folds into R too (``orthonormalizing_factor``: one read of V)
+    while R stays near orthogonal, and applies R first otherwise. ``native``: the passes over V in the C
     loops of ``core.native`` where they apply (float32 on the CPU). ``out``: a (D,) tensor
     for the move. ``into`` = (θ before the base stepped (D,), the parameters), native and
     lazy only, ``disp`` None: the pass measures p = before − θ and adds the move into the
@@ -84,7 +86,10 @@ def move_and_update(
     move, q_stored, sums = move_and_update_(basis, (r @ s.double()).to(dtype), (r @ a.double()).to(dtype),
                                            source, disp, None, stored_coef, native=native, out=out, into=into)
     q = (r.T @ q_stored.double()).to(dtype)
-    if update.reorthonormalize:
+    if update.reorthonormalize:  # in d × d from VᵀV while R stays near orthogonal; else apply R first
+        factor = orthonormalizing_factor(basis, ra, native=native)
+        if factor is not None:
+            return move, s - q, float(sums[0]), basis, factor, sums[1:]
         right_multiply_(basis, ra, native=native)
         return move, s - q, float(sums[0]), _reorthonormalize(basis, update, REPLICATED, native), None, sums[1:]
     return move, s - q, float(sums[0]), basis, ra, sums[1:]
