@@ -53,6 +53,7 @@ VARIANTS = {
     "preconditioned coordinates": {"coordinates": "preconditioned"},
     "preconditioned coordinates, d 4": {"coordinates": "preconditioned", "subspace_dim": 4},
     "pipelined service": {"pipelined": True},
+    "bfloat16 basis": {"basis_dtype": "bfloat16"},
     "preconditioned coordinates, pipelined service": {"coordinates": "preconditioned", "pipelined": True},
 }
 

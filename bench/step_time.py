@@ -126,6 +126,9 @@ def main(argv=None) -> int:
         f"OSFN d={args.d}, eager torch passes": lambda ps: OSFN(ps, lr=1e-3, subspace_dim=args.d, kernels="eager"),
         f"OSFN d={args.d}, compiled kernels": lambda ps: OSFN(ps, lr=1e-3, subspace_dim=args.d, kernels="compiled"),
     }
+    if dev == "cpu":  # V stored in bfloat16 for the native passes: half their traffic over V
+        makers[f"OSFN d={args.d}, bfloat16 basis"] = lambda ps: OSFN(ps, lr=1e-3, subspace_dim=args.d,
+                                                                    basis_dtype="bfloat16")
     # the in-process service one step behind, on a thread
     makers[f"OSFN d={args.d}, pipelined service"] = lambda ps: OSFN(ps, lr=1e-3, subspace_dim=args.d, pipelined=True)
     for k in args.every:

@@ -14,7 +14,7 @@ from .base_optimizer import (build_default_bases, check_params, preconditioner_s
 from .core.config import COMPLEMENT_FIELDS, OSFNConfig
 from .core.errors import ConfigError, DimensionMismatchError, NonFiniteGradientError
 from .core import native as native_kernels
-from .core.subspace import as_basis_layout, new_basis, right_multiply_
+from .core.subspace import as_basis_layout, new_basis, right_multiply_, work_dtype
 from .dataflow.apply import check_version, move_and_update, newton_move, scatter_add, update_basis
 from .dataflow.collect import build_report, flat_gradient, write_back
 from .dataflow.exchange import Exchange, InProcessExchange
@@ -165,6 +165,7 @@ class OSFN(Optimizer):
                 "wrap torch.optim.Adam/AdamW or use coordinates='parameters'")
         if self._preconditioned and shard_basis:
             raise ConfigError("coordinates='preconditioned' needs the whole basis on each worker: drop shard_basis")
+        self._check_basis_dtype(gradient_sync, shard_basis)
         # the Newton step follows group 0's lr relative to this (see the class docstring)
         self._reference_lr = float(self.param_groups[0]["lr"])
         self._owns_service = exchange is None
@@ -324,7 +325,29 @@ class OSFN(Optimizer):
         return self.config.subspace_dim
 
     def _basis_dtype(self, params) -> torch.dtype:
+        if self.config.basis_dtype == "bfloat16":
+            device = local(params[0]).device if params else torch.device("cpu")
+            if device.type != "cpu" or not native_kernels.available():
+                why = f"the parameters are on {device}" if device.type != "cpu" else native_kernels.why_not()
+                raise ConfigError(f"basis_dtype='bfloat16' stores V for the native CPU passes, which cannot run "
+                                  f"here ({why}); use basis_dtype='auto'")
+            return torch.bfloat16
         return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+    def _check_basis_dtype(self, gradient_sync, shard_basis) -> None:
+        """basis_dtype='bfloat16' is for the one-pass native steps (replicated basis, parameter
+        coordinates, the native kernels): refuse what would widen V on every step instead."""
+        if self.config.basis_dtype != "bfloat16":
+            return
+        clash = [name for name, on in (
+            ("kernels=" + repr(self.config.kernels), self.config.kernels != "auto"),
+            ("coordinates='preconditioned'", self._preconditioned),
+            ("gradient_sync", gradient_sync is not None), ("shard_basis", shard_basis),
+            ("FSDP2 parameters", bool(self._fsdp))) if on]
+        if clash:
+            raise ConfigError(f"basis_dtype='bfloat16' is for a replicated basis in parameter coordinates with the "
+                              f"native CPU kernels (kernels='auto'); not with {', '.join(clash)}. Use "
+                              "basis_dtype='auto' (float32)")
 
     def _fold(self) -> None:
         """Apply the pending rotation to the stored basis (V ← V R, one pass over V). Until
@@ -355,10 +378,11 @@ class OSFN(Optimizer):
                 f"subspace_dim cannot change during training (was {self.subspace_dim}, "
                 f"param_groups[0] now says {cfg.subspace_dim}); create a new optimizer"
             )
-        if cfg.coordinates != self.config.coordinates:
-            raise ConfigError(
-                f"coordinates cannot change during training (was {self.config.coordinates!r}, "
-                f"param_groups[0] now says {cfg.coordinates!r}); create a new optimizer")
+        for name in ("coordinates", "basis_dtype"):
+            if getattr(cfg, name) != getattr(self.config, name):
+                raise ConfigError(
+                    f"{name} cannot change during training (was {getattr(self.config, name)!r}, "
+                    f"param_groups[0] now says {getattr(cfg, name)!r}); create a new optimizer")
         hyper = {k: getattr(cfg, k) for k in LIVE_HYPERPARAMETERS if hasattr(cfg, k)}
         ref = self._reference_lr
         hyper["step_scale"] = min(1.0, float(g0["lr"]) / ref) if ref > 0 else 1.0
@@ -373,8 +397,8 @@ class OSFN(Optimizer):
             return None
         shape = (2, basis.shape[0])
         buf = self._pair
-        if buf is None or buf.shape != shape or buf.dtype != basis.dtype or buf.device != basis.device:
-            buf = self._pair = torch.empty(shape, dtype=basis.dtype, device=basis.device)
+        if buf is None or buf.shape != shape or buf.dtype != work_dtype(basis) or buf.device != basis.device:
+            buf = self._pair = torch.empty(shape, dtype=work_dtype(basis), device=basis.device)
         return buf
 
     def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
@@ -524,6 +548,8 @@ class OSFN(Optimizer):
 
         if self.gradient_sync is not None or self._layout.sharded:
             raise ConfigError("watch_ddp is for DDP; OSFN's own gradient_sync already gathers the projections")
+        if self.config.basis_dtype == "bfloat16":
+            raise ConfigError("watch_ddp projects in a torch hook, which needs basis_dtype='auto' (float32)")
         params = self._params()
         rows = {id(p): r for p, (_, r) in zip(params, param_slices(params))}
         # the stored V (not opt.basis, which would apply a pending rotation R in backward):
@@ -575,7 +601,7 @@ class OSFN(Optimizer):
             return None, None
         basis = self._ensure_basis(params) if self.subspace_dim else None
         pair = self._pair_buffer(basis)
-        grad = flat_gradient(params, basis.dtype if basis is not None else torch.float32,
+        grad = flat_gradient(params, work_dtype(basis) if basis is not None else torch.float32,
                              out=None if pair is None else pair[0])
         worker_coords = None
         if basis is not None and self._layout.sharded:
@@ -596,7 +622,7 @@ class OSFN(Optimizer):
         """Between exchanges (curvature_every > 1): the base alone; its drift is reported next time."""
         basis = self._ensure_basis(params)
         if self._anchor is None:
-            self._anchor = _flat(params, basis.dtype)
+            self._anchor = _flat(params, work_dtype(basis))
         self._base_step()
         self._last = {**self._last, "step": self._steps, "subspace_step_norm": 0.0, "skipped_steps": self._skipped}
 
@@ -618,11 +644,14 @@ class OSFN(Optimizer):
         native = self.param_groups[0]["kernels"] == "auto"
         lazy = (not exact and not measure and not compiled and not layout.sharded and self.gradient_sync is None
                 and float(hyper["complement_in_subspace"]) == 1.0)
+        if basis.dtype == torch.bfloat16 and not (
+                lazy and native and native_kernels.params_usable([local(p) for p in params])):
+            return self._widened_step(params, has_grad, hyper, grad, worker_coords)
         if not lazy:
             self._fold()
         # coordinates='preconditioned': everything the subspace sees is in z = θ / σ
         # (gradients and sources × σ, positions and displacements ÷ σ, the move × σ)
-        sigma = self._preconditioner(params, owners, basis.dtype)
+        sigma = self._preconditioner(params, owners, work_dtype(basis))
         if self._preconditioned and sigma is None:  # Adam has no second moments yet
             self._complement_only_step(params)
             return
@@ -637,11 +666,11 @@ class OSFN(Optimizer):
                 source, in_pair = pair[1], False
             else:
                 if grad is None:
-                    grad = flat_gradient(params, basis.dtype, out=None if pair is None else pair[0])
+                    grad = flat_gradient(params, work_dtype(basis), out=None if pair is None else pair[0])
                 if from_displacement:
                     source, in_pair = self._prev_disp, False  # the base's last measured step (None at first)
                 else:
-                    source = self._running_mean_source(params, owners, has_grad, basis.dtype,
+                    source = self._running_mean_source(params, owners, has_grad, work_dtype(basis),
                                                        out=None if pair is None else pair[1])
                     in_pair = source is not None and pair is not None
                 if sigma is not None:
@@ -649,7 +678,7 @@ class OSFN(Optimizer):
                     if source is not None:
                         source.mul_(sigma)
                 # θ before the base steps; kept past this step only as the displacement source
-                before = _flat(params, basis.dtype, out=None if from_displacement else self._buffer("before", grad))
+                before = _flat(params, work_dtype(basis), out=None if from_displacement else self._buffer("before", grad))
             drift = None if self._anchor is None else before - self._anchor
             if drift is not None and sigma is not None:
                 drift.div_(sigma)
@@ -683,7 +712,7 @@ class OSFN(Optimizer):
                 disp_z = disp if sigma is None else disp / sigma
         with _phase("osfn.newton_move"):
             source = grad if source is None else source
-            source_coords = coords if report.source_coords is None else report.source_coords.to(basis.device, basis.dtype)
+            source_coords = coords if report.source_coords is None else report.source_coords.to(basis.device, work_dtype(basis))
             fused = residual is None and keep == 1.0 and not measure and not compiled
             if into:  # p, the move into θ, Vᵀp, rᵀΔθ and V ← V + r cᵀ: one read and one write of V and θ
                 _, step_coords, self._residual_step_dot, self._basis, self._pending, sq_norms = move_and_update(
@@ -716,6 +745,21 @@ class OSFN(Optimizer):
             "step_norm": step_norm,
             "skipped_steps": self._skipped,
         }
+
+    def _widened_step(self, params, has_grad, hyper, grad, worker_coords) -> None:
+        """A step of a bfloat16 basis that the one-pass native path does not cover (the
+        directions still filling, frozen or low-precision parameters, π < 1): V widened to
+        float32 for the step, then rounded back (to nearest). Costs a float32 copy of V for the step."""
+        self._fold()
+        stored = self._basis
+        self._basis = stored.float()  # direction-major kept (preserve_format)
+        try:
+            self._curvature_step(params, has_grad, hyper, grad, worker_coords)
+            self._fold()
+            self._basis = self._basis.to(torch.bfloat16)
+        except BaseException:
+            self._basis = stored  # nothing of V changed (a failed step changes nothing)
+            raise
 
     def _apply_move(self, params, basis, moves, move, disp, disp_z, before, sigma, measure, fused,
                     from_displacement, step_coords, residual) -> torch.Tensor:
@@ -868,9 +912,11 @@ class OSFN(Optimizer):
                 )
         if basis is not None:
             device = self._params()[0].device
-            basis = as_basis_layout(basis.clone().to(device))
             self._basis = None
-            self._ensure_basis(self._params())  # shape check against the current model
+            # shape check against the current model; V is stored as this optimizer's
+            # basis_dtype says (a bfloat16 checkpoint widens to float32, and back to nearest)
+            dtype = self._ensure_basis(self._params()).dtype
+            basis = as_basis_layout(basis.clone().to(device=device, dtype=dtype))
         self._basis, self._pending = basis, None
         self._basis_version = worker["basis_version"]
         self._residual_step_dot = worker["residual_step_dot"]

@@ -216,3 +216,127 @@ def test_without_a_compiler_the_optimizer_falls_back_to_torch(tmp_path):
     assert "fell back: /bin/false failed" in out.stdout
     assert "native CPU kernels unavailable" in out.stderr and "eager torch path" in out.stderr
     assert not list(tmp_path.glob("*.so"))
+
+
+# ------------------------------------------------------------------ bfloat16 basis
+def _bf16_basis(rows, d, seed):
+    basis, gen = _basis(rows, d, seed)
+    return basis.to(torch.bfloat16), gen  # direction-major kept
+
+
+@needs_native
+@pytest.mark.parametrize("rows, d", [(5_003, 8), (3_001, 13), (1_500, 20)])
+def test_a_bfloat16_basis_is_read_exactly_and_written_within_one_unit_in_the_last_place(rows, d):
+    """The bfloat16 passes read V widened to float32: the same sums as the float32 passes on
+    the same values (to the last bit with the vector-register kernels, d <= 16; the generic
+    loops beyond may be vectorised in another order); their writes (the rank-1 update, V m)
+    land on one of the two bfloat16 neighbours of the float32 result."""
+    same = torch.equal if d <= 16 else lambda x, y: torch.allclose(x, y, rtol=1e-5, atol=1e-5)
+    vb, gen = _bf16_basis(rows, d, rows)
+    vf = vb.float()  # the same values in float32
+    g, u, p = (torch.randn(rows, generator=gen) for _ in range(3))
+    coef, a, c = torch.randn(d, generator=gen), torch.randn(d, generator=gen), torch.randn(d, generator=gen) * 1e-2
+    for x, y in zip(native.project_pair(vf.T, g, u), native.project_pair(vb.T, g, u)):
+        assert same(x, y)
+    assert same(native.gram(vf.T), native.gram(vb.T))
+    wf, wb = vf.clone(), vb.clone()
+    for x, y in zip(native.move_and_update_(wf.T, coef, a, u, p, c), native.move_and_update_(wb.T, coef, a, u, p, c)):
+        assert same(x, y)  # move, Vᵀp and the sums come from V before its update
+    m = torch.linalg.qr(torch.randn(d, d, generator=gen))[0]
+    rf, rb = vf.clone(), vb.clone()
+    native.right_multiply_(rf.T, m)
+    native.right_multiply_(rb.T, m)
+    for exact, stored in ((wf, wb), (rf, rb)):
+        lo = exact.to(torch.bfloat16)  # round to nearest: within half a unit
+        ulp = (exact.abs() * 2.0**-7).clamp_min(1e-30)
+        assert ((stored.float() - exact).abs() <= ulp).all()
+        assert not torch.equal(stored, lo)  # rounded stochastically, not to nearest
+
+
+@needs_native
+def test_stochastic_rounding_of_the_basis_update_is_unbiased():
+    """An increment far below bfloat16's resolution (1e-3 on 1.0, whose neighbours are 1 and
+    1.0078) survives on average: round-to-nearest would lose it on every element."""
+    n = 8192
+    total = torch.zeros(n)
+    for k in range(32):
+        v = torch.ones(1, n, dtype=torch.bfloat16)
+        c = torch.tensor([1e-3 * (1 + 1e-6 * k)])  # a new seed each time (the coefficients hash it)
+        native.move_and_update_(v, torch.zeros(1), torch.zeros(1), torch.ones(n), torch.zeros(n), c)
+        assert set(v.float().unique().tolist()) <= {1.0, 1.0078125}
+        total += v.float()[0]
+    assert float(total.mean() / 32) == pytest.approx(1.001, abs=1e-4)
+
+
+def _train_bf16(basis_dtype, steps=120, resume=None, model=None, opt=None):
+    from osfn_dist import OSFN
+
+    if model is None:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+        opt = OSFN(model.parameters(), lr=0.01, basis_dtype=basis_dtype)
+    if resume is not None:  # a saved {"model": ..., "opt": ...}
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["opt"])
+    x = torch.randn(256, 20, generator=torch.Generator().manual_seed(5))
+    y = x[:, :1] ** 2
+    losses = []
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return model, opt, losses
+
+
+@needs_native
+def test_a_bfloat16_basis_trains_like_float32_on_the_native_path(monkeypatch):
+    """basis_dtype='bfloat16': V is stored in bfloat16 from the first step to the last, the
+    steps after the directions fill take the one-pass native path (no float32 copy of V),
+    the basis stays orthonormal to bfloat16's resolution, and the loss follows the float32
+    run's."""
+    from osfn_dist.optimizer import OSFN
+
+    widened = []
+    real = OSFN._widened_step
+    monkeypatch.setattr(OSFN, "_widened_step", lambda self, *a: widened.append(self._steps) or real(self, *a))
+    _, opt32, loss32 = _train_bf16("auto")
+    assert widened == []  # float32 never widens
+    _, opt16, loss16 = _train_bf16("bfloat16")
+    assert opt16._basis.dtype == torch.bfloat16 and opt16.basis.dtype == torch.bfloat16
+    assert 0 < len(widened) <= 2 * opt16.subspace_dim and max(widened) < 30  # only while the directions fill
+    v = opt16.basis.double()
+    assert float((v.T @ v - torch.eye(v.shape[1], dtype=D64)).abs().max()) < 2e-2
+    assert loss16[-1] < 0.2 * loss16[0]
+    assert loss16[-1] == pytest.approx(loss32[-1], rel=0.25)
+    assert opt16.state_dict()["osfn"]["basis"].dtype == torch.bfloat16
+
+
+@needs_native
+def test_a_bfloat16_basis_resumes_bit_for_bit(tmp_path):
+    """Stochastic rounding is seeded by each pass's own coefficients: a run saved and resumed
+    rounds exactly as the uninterrupted one."""
+    model, opt, _ = _train_bf16("bfloat16", steps=30)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ck.pt")
+    full_model, _, _ = _train_bf16("bfloat16", steps=30, model=model, opt=opt)  # the run goes on
+    model2, opt2, _ = _train_bf16("bfloat16", steps=30, resume=torch.load(tmp_path / "ck.pt"))
+    assert opt2._basis.dtype == torch.bfloat16
+    for a, b in zip(full_model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_bfloat16_basis_refuses_what_would_widen_it_every_step():
+    from osfn_dist import OSFN, ConfigError
+
+    model = torch.nn.Linear(4, 4)
+    for bad in ({"kernels": "eager"}, {"kernels": "compiled"}, {"coordinates": "preconditioned"}):
+        with pytest.raises(ConfigError, match="basis_dtype='bfloat16'"):
+            OSFN(model.parameters(), lr=0.01, basis_dtype="bfloat16", **bad)
+    with pytest.raises(ConfigError, match="basis_dtype"):
+        OSFN(model.parameters(), lr=0.01, basis_dtype="float16")
+    opt = OSFN(model.parameters(), lr=0.01, basis_dtype="bfloat16")
+    opt.param_groups[0]["basis_dtype"] = "auto"
+    model(torch.randn(2, 4)).sum().backward()
+    with pytest.raises(ConfigError, match="basis_dtype cannot change"):
+        opt.step()

@@ -288,6 +288,7 @@ INVALID = {
     "nonfinite": "ignore",
     "kernels": "triton",
     "coordinates": "natural",
+    "basis_dtype": "float16",
 }
 
 

@@ -20,6 +20,7 @@ EIGEN_METHODS = ("qr", "eigh")
 NONFINITE_POLICIES = ("skip", "raise")
 KERNELS = ("auto", "eager", "compiled")
 COORDINATES = ("parameters", "preconditioned")
+BASIS_DTYPES = ("auto", "bfloat16")
 # the fields that configure the default base optimizer (and nothing else)
 COMPLEMENT_FIELDS = ("lr", "complement", "momentum", "betas", "eps", "weight_decay", "aux_lr")
 
@@ -68,6 +69,11 @@ class OSFNConfig:
     # moments), where that base is plain momentum SGD and its stability is set by
     # P^(-½) H P^(-½); trust_radius and eig_floor are then in z units. Experimental.
     coordinates: str = "parameters"
+    # how V is stored: "auto" float32 (float64 for float64 parameters); "bfloat16" half the
+    # memory and memory traffic of V, for the native CPU passes (kernels="auto" on the CPU;
+    # read widened to float32, written with stochastic rounding; every other vector and the
+    # statistics stay float32 or better)
+    basis_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -151,6 +157,7 @@ class OSFNConfig:
         need("nonfinite", self.nonfinite in NONFINITE_POLICIES, f"one of {NONFINITE_POLICIES}")
         need("kernels", self.kernels in KERNELS, f"one of {KERNELS}")
         need("coordinates", self.coordinates in COORDINATES, f"one of {COORDINATES}")
+        need("basis_dtype", self.basis_dtype in BASIS_DTYPES, f"one of {BASIS_DTYPES}")
 
 
 # Settings for small, low-noise, low-dimensional problems like the seed paper's test functions

@@ -15,7 +15,10 @@ The source is compiled once per machine with the system C compiler (``$CC`` or `
 and loaded with ctypes — no torch headers, well under a second. Where that fails (no
 compiler, another OS), or with ``OSFN_DIST_NATIVE=0``, ``available()`` is False and the
 optimizer uses the eager torch path (same results to float32 rounding), logging why once.
-Only float32 tensors on the CPU take this path.
+Only float32 tensors on the CPU take this path; V itself may also be bfloat16 (the source
+compiled a second time with ``-DOSFN_VBF16``: V widened as it is read, written with
+stochastic rounding seeded by the pass's own d-sized coefficients, so a resumed run rounds
+exactly as the uninterrupted one).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -37,8 +41,9 @@ _SOURCE = Path(__file__).with_name("native_pass.c")
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
           "-fno-signed-zeros", "-fPIC", "-shared"]
 SMALL_BLOCK = 256  # columns per block of osfn_right_multiply, as in native_pass.c
-_lib = None
+_lib = None  # {V's dtype: the library for it}
 _why_not: str | None = None
+BASIS_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _cpu_signature() -> str:
@@ -53,12 +58,17 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build() -> ctypes.CDLL:
+def _build() -> dict:
+    return {torch.float32: _build_one([]), torch.bfloat16: _build_one(["-DOSFN_VBF16"], "_bf16")}
+
+
+def _build_one(defines: list[str], suffix: str = "") -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler (set CC or install gcc)")
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_signature().encode() + cc.encode()).hexdigest()[:16]
+    flags = _FLAGS + defines
+    key = hashlib.sha256(source + " ".join(flags).encode() + _cpu_signature().encode() + cc.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("OSFN_DIST_CACHE", Path.home() / ".cache" / "osfn-dist"))
     target = cache / f"native_pass-{key}.so"
     if not target.exists():
@@ -67,7 +77,7 @@ def _build() -> ctypes.CDLL:
         os.close(fd)
         try:
             for omp in (["-fopenmp"], []):  # without OpenMP the loops run on one thread
-                proc = subprocess.run([cc, *_FLAGS, *omp, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
+                proc = subprocess.run([cc, *flags, *omp, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
                 if proc.returncode == 0:
                     break
             else:
@@ -77,15 +87,18 @@ def _build() -> ctypes.CDLL:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
-    ptr, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.osfn_move_update.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, cint, ptr, ptr, i64, ptr, ptr]
-    lib.osfn_right_multiply.argtypes = [ptr, i64, i64, ptr, ptr, ptr, cint, ptr]
-    lib.osfn_project_pair.argtypes = [ptr, i64, i64, ptr, ptr, ptr, cint, ptr]
-    lib.osfn_gram.argtypes = [ptr, i64, i64, ptr, cint, ptr]
-    lib.osfn_collect.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, cint, ptr]
-    for fn in (lib.osfn_move_update, lib.osfn_right_multiply, lib.osfn_project_pair, lib.osfn_gram,
-               lib.osfn_collect):
-        fn.restype = None
+    ptr, i64, cint, u32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32
+    signatures = {
+        "osfn_move_update": [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, cint, ptr, ptr, i64, ptr, ptr, u32],
+        "osfn_right_multiply": [ptr, i64, i64, ptr, ptr, ptr, cint, ptr, u32],
+        "osfn_project_pair": [ptr, i64, i64, ptr, ptr, ptr, cint, ptr],
+        "osfn_gram": [ptr, i64, i64, ptr, cint, ptr],
+        "osfn_collect": [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, cint, ptr],
+    }
+    for name, args in signatures.items():
+        fn = getattr(lib, name + suffix)
+        fn.argtypes, fn.restype = args, None
+        setattr(lib, name, fn)  # one name for either element type of V
     return lib
 
 
@@ -113,17 +126,30 @@ def why_not() -> str | None:
     return _why_not
 
 
-def usable(*tensors: torch.Tensor | None) -> bool:
-    """The native path takes contiguous float32 CPU tensors only."""
-    return all(
+def usable(vt: torch.Tensor | None, *tensors: torch.Tensor | None) -> bool:
+    """The native path takes contiguous CPU tensors: V's transpose ``vt`` in float32 or
+    bfloat16, everything else in float32."""
+    return (vt is None or (vt.device.type == "cpu" and vt.dtype in BASIS_DTYPES and vt.is_contiguous())) and all(
         t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()) for t in tensors
     ) and available()
 
 
-def _loaded() -> ctypes.CDLL:
+def _loaded(vt: torch.Tensor) -> ctypes.CDLL:
     if not available():
         raise RuntimeError(f"native CPU kernels unavailable: {_why_not}")
-    return _lib
+    if vt.dtype not in _lib:
+        raise TypeError(f"the native passes store V as {BASIS_DTYPES}, not {vt.dtype}")
+    return _lib[vt.dtype]
+
+
+def _seed(*coefficients: torch.Tensor | None) -> int:
+    """The stochastic rounding's seed for a pass that writes a bfloat16 V: a hash of the
+    pass's own d-sized coefficients (new every step, the same on a resumed run)."""
+    h = 0
+    for c in coefficients:
+        if c is not None:
+            h = zlib.crc32(c.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(), h)
+    return h
 
 
 def _ptr(t: torch.Tensor | None):
@@ -149,8 +175,9 @@ def move_and_update_(vt: torch.Tensor, coef: torch.Tensor, a: torch.Tensor, u: t
     move = out if ok else torch.empty(total, dtype=torch.float32)
     res = torch.empty(d + 3, dtype=torch.float64)
     parts = torch.empty(nt * (d + 3), dtype=torch.float64)
-    _loaded().osfn_move_update(_ptr(vt), d, total, _ptr(coef), _ptr(a), _ptr(u), _ptr(p), _ptr(c), _ptr(move),
-                          _ptr(res), _ptr(res[d:]), nt, _ptr(parts), _ptr(parts[nt * d:]), 0, None, None)
+    _loaded(vt).osfn_move_update(_ptr(vt), d, total, _ptr(coef), _ptr(a), _ptr(u), _ptr(p), _ptr(c), _ptr(move),
+                                 _ptr(res), _ptr(res[d:]), nt, _ptr(parts), _ptr(parts[nt * d:]), 0, None, None,
+                                 _seed(coef, c))
     return move, res[:d], res[d:]
 
 
@@ -172,9 +199,9 @@ def move_into_params_(vt: torch.Tensor, coef: torch.Tensor, a: torch.Tensor, u: 
     starts = _starts(params, total)
     res = torch.empty(d + 3, dtype=torch.float64)
     parts = torch.empty(nt * (d + 3), dtype=torch.float64)
-    _loaded().osfn_move_update(_ptr(vt), d, total, _ptr(coef), _ptr(a), _ptr(u), _ptr(before), _ptr(c), None,
-                               _ptr(res), _ptr(res[d:]), nt, _ptr(parts), _ptr(parts[nt * d:]), len(params),
-                               _pointers(params), starts)
+    _loaded(vt).osfn_move_update(_ptr(vt), d, total, _ptr(coef), _ptr(a), _ptr(u), _ptr(before), _ptr(c), None,
+                                 _ptr(res), _ptr(res[d:]), nt, _ptr(parts), _ptr(parts[nt * d:]), len(params),
+                                 _pointers(params), starts, _seed(coef, c))
     for p in params:  # written behind autograd's back: bump their versions as add_ would
         torch.autograd.graph.increment_version(p)
     return res[:d], res[d:]
@@ -211,7 +238,7 @@ def collect(vt: torch.Tensor, grads: list[torch.Tensor], means: list[torch.Tenso
     starts = _starts(params, total)
     out = torch.empty(2 * d + 2, dtype=torch.float64)
     parts = torch.empty(nt * (2 * d + 2), dtype=torch.float64)
-    _loaded().osfn_collect(_ptr(vt), d, total, len(params), _pointers(grads), _pointers(means), _pointers(params),
+    _loaded(vt).osfn_collect(_ptr(vt), d, total, len(params), _pointers(grads), _pointers(means), _pointers(params),
                            starts, _ptr(u_out), _ptr(before_out), _ptr(out), nt, _ptr(parts))
     return out[: 2 * d].view(2, d), out[2 * d:]
 
@@ -223,8 +250,8 @@ def project_pair(vt: torch.Tensor, g: torch.Tensor, u: torch.Tensor | None) -> t
     nt = _threads()
     out = torch.empty(2 * d + 2, dtype=torch.float64)
     parts = torch.empty(nt * (2 * d + 2), dtype=torch.float64)
-    _loaded().osfn_project_pair(_ptr(vt), d, total, _ptr(g.contiguous()), _ptr(None if u is None else u.contiguous()),
-                           _ptr(out), nt, _ptr(parts))
+    _loaded(vt).osfn_project_pair(_ptr(vt), d, total, _ptr(g.contiguous()), _ptr(None if u is None else u.contiguous()),
+                                  _ptr(out), nt, _ptr(parts))
     return out[: 2 * d].view(2, d), out[2 * d:]
 
 
@@ -234,7 +261,7 @@ def gram(vt: torch.Tensor) -> torch.Tensor:
     nt = _threads()
     out = torch.empty(d, d, dtype=torch.float64)
     parts = torch.empty(nt * d * d, dtype=torch.float64)
-    _loaded().osfn_gram(_ptr(vt), d, total, _ptr(out), nt, _ptr(parts))
+    _loaded(vt).osfn_gram(_ptr(vt), d, total, _ptr(out), nt, _ptr(parts))
     return out
 
 
@@ -248,4 +275,5 @@ def right_multiply_(vt: torch.Tensor, m: torch.Tensor, c: torch.Tensor | None = 
     if r is not None:
         c, r = c.to(torch.float32).contiguous(), r.contiguous()
     scratch = torch.empty(nt * d * SMALL_BLOCK, dtype=torch.float32)
-    _loaded().osfn_right_multiply(_ptr(vt), d, total, _ptr(m4), _ptr(c if r is not None else None), _ptr(r), nt, _ptr(scratch))
+    _loaded(vt).osfn_right_multiply(_ptr(vt), d, total, _ptr(m4), _ptr(c if r is not None else None), _ptr(r), nt,
+                                    _ptr(scratch), _seed(m4, c if r is not None else None))

@@ -17,6 +17,18 @@ def new_basis(rows: int, d: int, device=None, dtype=torch.float32) -> torch.Tens
     return torch.zeros(d, rows, device=device, dtype=dtype).T
 
 
+def work_dtype(basis: torch.Tensor) -> torch.dtype:
+    """The dtype of the vectors that meet V: V's own, float32 for a bfloat16 V (storage only:
+    the native passes widen it as they read it)."""
+    return torch.float32 if basis.dtype == torch.bfloat16 else basis.dtype
+
+
+def _no_bfloat16(basis: torch.Tensor) -> None:
+    if basis.dtype == torch.bfloat16:
+        raise TypeError("a bfloat16 basis is for the native CPU passes only; this pass needs a float32 V "
+                        "(the optimizer widens V for such steps)")
+
+
 def as_basis_layout(basis: torch.Tensor) -> torch.Tensor:
     """The same values in ``new_basis``'s direction-major layout (copies only if needed)."""
     return basis if basis.T.is_contiguous() else basis.T.contiguous().T
@@ -24,6 +36,7 @@ def as_basis_layout(basis: torch.Tensor) -> torch.Tensor:
 
 def project(basis: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
     """Vᵀ v: basis (D, d), vec (D,) → (d,) in float32 or better."""
+    _no_bfloat16(basis)
     return basis.T @ vec.to(basis.dtype)
 
 
@@ -36,9 +49,10 @@ def right_multiply_(basis: torch.Tensor, m: torch.Tensor, rank1: tuple | None = 
     ``native``: the C loop of ``core.native`` where it applies (float32 on the CPU)."""
     vt = basis.T  # (d, D), contiguous
     if native and vt.numel() and native_kernels.usable(vt, None if rank1 is None else rank1[1]):
-        c, r = (None, None) if rank1 is None else (rank1[0].to(vt.dtype), rank1[1])
+        c, r = (None, None) if rank1 is None else (rank1[0].to(torch.float32), rank1[1])
         native_kernels.right_multiply_(vt, m.detach().to("cpu"), c, r)
         return basis
+    _no_bfloat16(basis)
     m_t = m.to(device=vt.device, dtype=vt.dtype).T.contiguous()
     add = None
     if rank1 is not None:  # V m + r cᵀ: (d, 1) and (1, D) factors of the transpose's rank-1 term
@@ -99,7 +113,7 @@ def move_and_update_(
     is None (``core.native.move_into_params_``)."""
     vt = basis.T  # (d, D), contiguous
     d, total = vt.shape
-    dtype, dev = vt.dtype, vt.device
+    dtype, dev = work_dtype(basis), vt.device
     f32 = lambda x: None if x is None else x.detach().to("cpu", torch.float32)  # noqa: E731
     if into is not None:
         if rotation is not None or not native_kernels.usable(vt, u, into[0]):
@@ -109,6 +123,7 @@ def move_and_update_(
     if native and rotation is None and d and total and native_kernels.usable(vt, u, p):
         move, q, sums = native_kernels.move_and_update_(vt, f32(coef), f32(a), u, p, f32(c), out=out)
         return move, q.to(dtype), sums.to(dtype)
+    _no_bfloat16(basis)
     move = torch.empty(total, dtype=dtype, device=dev) if out is None else out
     q = torch.zeros(d, dtype=dtype, device=dev)
     dot = torch.zeros((), dtype=dtype, device=dev)

@@ -7,7 +7,7 @@ import torch
 from ..core import kernels
 from ..core.errors import VersionMismatchError
 from ..core.subspace import (apply_basis_update, cholesky_qr2, move_and_update_, orthonormalizing_factor,
-                             right_multiply_)
+                             right_multiply_, work_dtype)
 from .messages import DirectionUpdate
 from .shard import REPLICATED, param_slices
 
@@ -70,7 +70,7 @@ def move_and_update(
 
     Returns (the move V s, VᵀΔθ = s − Vᵀp, rᵀΔθ for the step Δθ = move − p, the updated
     stored basis, the pending R after the step, [‖p‖², ‖Δθ‖²] as a (2,) tensor)."""
-    dev, dtype = basis.device, basis.dtype
+    dev, dtype = basis.device, work_dtype(basis)
     s = step_coef.to(device=dev, dtype=dtype)
     a = source_coords.to(dev, dtype)
     rotation = update.rotation.to(dev) if update.rotation is not None else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..core import native as native_kernels
-from ..core.subspace import project, project_pair
+from ..core.subspace import project, project_pair, work_dtype
 from .messages import Report
 from .shard import REPLICATED, local, param_slices
 
@@ -56,7 +56,7 @@ def build_report(
     if not layout.sharded and not exact_residual and (
             projected is not None or (native and native_kernels.usable(basis.T, grad, source))):
         both, sqnorms = projected if projected is not None else native_kernels.project_pair(basis.T, grad, source)
-        both = both.to(basis.dtype)
+        both = both.to(work_dtype(basis))
         coords, src_coords, residual = both[0], both[0] if source is None else both[1], None
         if coords_map is not None:
             coords, src_coords = _mapped(coords_map, coords), _mapped(coords_map, src_coords)
