@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -500,14 +501,11 @@ class OSFN(Optimizer):
             grad = flat_gradient(params, grad.dtype, out=grad)
             if worker_coords is not None and synced_norm > 0:
                 worker_coords = worker_coords * (float(torch.linalg.vector_norm(grad)) / synced_norm)
-        if not self._layout.all_true(_all_finite([local(p.grad) for p, ok in zip(params, has_grad) if ok])):
-            self._skipped += 1
-            self._last = {**self._last, "skipped_steps": self._skipped}
-            if self.param_groups[0]["nonfinite"] == "raise":
-                raise NonFiniteGradientError(
-                    f"non-finite gradient at step {self._steps + 1}; parameters and statistics are "
-                    "untouched. Lower the learning rate or use nonfinite='skip'"
-                )
+        # a curvature step on a replicated basis checks ‖g‖², which its collect pass computes
+        # anyway, before anything moves (no separate read of the gradients)
+        deferred = curvature_step and self._layout is REPLICATED
+        if not deferred and not self._gradients_finite(params, has_grad):
+            self._reject_nonfinite()
             return loss
         self._steps += 1
         if self.subspace_dim == 0:
@@ -515,8 +513,21 @@ class OSFN(Optimizer):
         elif not curvature_step:
             self._complement_only_step(params)
         else:
-            self._curvature_step(params, has_grad, hyper, grad, worker_coords)
+            self._curvature_step(params, has_grad, hyper, grad, worker_coords, check_finite=deferred)
         return loss
+
+    def _gradients_finite(self, params, has_grad) -> bool:
+        return self._layout.all_true(_all_finite([local(p.grad) for p, ok in zip(params, has_grad) if ok]))
+
+    def _reject_nonfinite(self) -> None:
+        """Count a step skipped for non-finite gradients (nothing has moved), or raise."""
+        self._skipped += 1
+        self._last = {**self._last, "skipped_steps": self._skipped}
+        if self.param_groups[0]["nonfinite"] == "raise":
+            raise NonFiniteGradientError(
+                f"non-finite gradient at step {self._steps + 1}; parameters and statistics are "
+                "untouched. Lower the learning rate or use nonfinite='skip'"
+            )
 
     def sync_gradients(self) -> None:
         """Average the gradients across workers now (``gradient_sync`` only; a no-op
@@ -626,7 +637,7 @@ class OSFN(Optimizer):
         self._base_step()
         self._last = {**self._last, "step": self._steps, "subspace_step_norm": 0.0, "skipped_steps": self._skipped}
 
-    def _curvature_step(self, params, has_grad, hyper, grad, worker_coords) -> None:
+    def _curvature_step(self, params, has_grad, hyper, grad, worker_coords, check_finite: bool = False) -> None:
         basis = self._ensure_basis(params)
         layout = self._layout
         # a parameter without a gradient, or in a group with lr = 0, is frozen: neither the
@@ -646,13 +657,17 @@ class OSFN(Optimizer):
                 and float(hyper["complement_in_subspace"]) == 1.0)
         if basis.dtype == torch.bfloat16 and not (
                 lazy and native and native_kernels.params_usable([local(p) for p in params])):
-            return self._widened_step(params, has_grad, hyper, grad, worker_coords)
+            return self._widened_step(params, has_grad, hyper, grad, worker_coords, check_finite)
         if not lazy:
             self._fold()
         # coordinates='preconditioned': everything the subspace sees is in z = θ / σ
         # (gradients and sources × σ, positions and displacements ÷ σ, the move × σ)
         sigma = self._preconditioner(params, owners, work_dtype(basis))
         if self._preconditioned and sigma is None:  # Adam has no second moments yet
+            if check_finite and not self._gradients_finite(params, has_grad):
+                self._steps -= 1
+                self._reject_nonfinite()
+                return
             self._complement_only_step(params)
             return
         with _phase("osfn.collect"):  # flatten, project g and the source in one pass over V
@@ -689,6 +704,12 @@ class OSFN(Optimizer):
                 settings={k: getattr(self.config, k) for k in FIXED_SETTINGS}, pair=pair if in_pair else None,
                 coords_map=self._pending, native=native, projected=projected,
             )
+        # ‖g‖² is finite iff every gradient is, unless finite values overflowed it (then the
+        # exact check decides); skipped here, nothing of the state has changed yet
+        if check_finite and not math.isfinite(report.grad_sqnorm) and not self._gradients_finite(params, has_grad):
+            self._steps -= 1
+            self._reject_nonfinite()
+            return
         # exchange (before anything moves: a refused or lost update leaves θ and the base untouched)
         with _phase("osfn.exchange"):
             update = self.exchange.exchange(report)
@@ -746,7 +767,7 @@ class OSFN(Optimizer):
             "skipped_steps": self._skipped,
         }
 
-    def _widened_step(self, params, has_grad, hyper, grad, worker_coords) -> None:
+    def _widened_step(self, params, has_grad, hyper, grad, worker_coords, check_finite) -> None:
         """A step of a bfloat16 basis that the one-pass native path does not cover (the
         directions still filling, frozen or low-precision parameters, π < 1): V widened to
         float32 for the step, then rounded back (to nearest). Costs a float32 copy of V for the step."""
@@ -754,7 +775,7 @@ class OSFN(Optimizer):
         stored = self._basis
         self._basis = stored.float()  # direction-major kept (preserve_format)
         try:
-            self._curvature_step(params, has_grad, hyper, grad, worker_coords)
+            self._curvature_step(params, has_grad, hyper, grad, worker_coords, check_finite)
             self._fold()
             self._basis = self._basis.to(torch.bfloat16)
         except BaseException:

@@ -340,3 +340,30 @@ def test_a_bfloat16_basis_refuses_what_would_widen_it_every_step():
     model(torch.randn(2, 4)).sum().backward()
     with pytest.raises(ConfigError, match="basis_dtype cannot change"):
         opt.step()
+
+
+@needs_native
+def test_a_bfloat16_basis_steps_a_frozen_parameter_through_the_widened_path():
+    """A parameter group at lr 0 takes the measured (torch) path every step: V is widened to
+    float32 for the step and stored back in bfloat16; the frozen parameter never moves."""
+    from osfn_dist import OSFN
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+    frozen = model[2].weight.detach().clone()
+    base = torch.optim.AdamW([{"params": [model[0].weight, model[0].bias, model[2].bias]},
+                              {"params": [model[2].weight], "lr": 0.0}], lr=0.01)
+    opt = OSFN(base=base, basis_dtype="bfloat16")
+    x = torch.randn(256, 20)
+    y = x[:, :1] ** 2
+    first = None
+    for _ in range(40):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        first = float(loss) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert opt._basis.dtype == torch.bfloat16
+    assert torch.equal(model[2].weight, frozen)
+    assert float(loss) < 0.5 * first
+    assert opt.diagnostics["alive_directions"] == opt.subspace_dim

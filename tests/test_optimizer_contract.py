@@ -330,3 +330,30 @@ def test_core_and_dataflow_import_no_transport_packages():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("coordinates", ["parameters", "preconditioned"])
+def test_a_curvature_step_checks_finiteness_through_its_own_collect_pass(coordinates, monkeypatch):
+    """On a replicated basis the finiteness check rides on ‖g‖², which the collect pass
+    computes anyway: a finite step never reads the gradients separately, and a non-finite
+    one is still skipped before anything moves — also on the first step in preconditioned
+    coordinates, where Adam has no second moments yet and only the base would step."""
+    import osfn_dist.optimizer as optimizer_module
+
+    calls = []
+    real = optimizer_module._all_finite
+    monkeypatch.setattr(optimizer_module, "_all_finite", lambda ts: calls.append(1) or real(ts))
+    model = make_model()
+    opt = OSFN(model.parameters(), lr=1e-2, subspace_dim=4, coordinates=coordinates)
+    x, y = batches(1, seed=3)[0]
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    before = flat(model).clone()
+    opt.step()
+    assert torch.equal(flat(model), before) and opt.diagnostics["skipped_steps"] == 1 and opt._steps == 0
+    assert calls  # the exact check confirmed the non-finite ‖g‖²
+    calls.clear()
+    train(model, opt, batches(12))
+    # (preconditioned: the exact check once, on the first step, which has no second moments)
+    assert len(calls) == (coordinates == "preconditioned")
+    assert opt._steps == 12 and opt.diagnostics["skipped_steps"] == 1
