@@ -34,6 +34,14 @@ def test_cuda_bfloat16_params_with_float32_basis():
     assert opt.basis.dtype == torch.float32 and torch.isfinite(params).all()
 
 
+def test_cuda_refuses_a_bfloat16_basis_with_a_clear_error():
+    """basis_dtype='bfloat16' is for the native CPU passes: on a GPU, a ConfigError naming the device."""
+    from osfn_dist import ConfigError
+
+    with pytest.raises(ConfigError, match="cuda"):
+        _train("cuda", steps=1, basis_dtype="bfloat16")
+
+
 def test_cuda_state_dict_round_trip():
     _, opt = _train("cuda", steps=12)
     sd = opt.state_dict()

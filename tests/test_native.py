@@ -367,3 +367,18 @@ def test_a_bfloat16_basis_steps_a_frozen_parameter_through_the_widened_path():
     assert torch.equal(model[2].weight, frozen)
     assert float(loss) < 0.5 * first
     assert opt.diagnostics["alive_directions"] == opt.subspace_dim
+
+
+def test_a_bfloat16_basis_without_the_native_passes_is_a_config_error(monkeypatch):
+    """No compiler (or OSFN_DIST_NATIVE=0): a clear error at the first step, which says why
+    and what to use instead — not a silent float32 basis or a slow widened one."""
+    from osfn_dist import OSFN, ConfigError
+
+    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(native, "why_not", lambda: "OSFN_DIST_NATIVE=0")
+    model = torch.nn.Linear(4, 4)
+    opt = OSFN(model.parameters(), lr=0.01, basis_dtype="bfloat16")
+    model(torch.randn(2, 4)).sum().backward()
+    with pytest.raises(ConfigError, match=r"OSFN_DIST_NATIVE=0.*basis_dtype='auto'"):
+        opt.step()
+    assert all(p.grad is not None for p in model.parameters())
