@@ -831,17 +831,31 @@ class OSFN(Optimizer):
 
     @property
     def basis(self) -> torch.Tensor | None:
-        self._fold()
-        return self._basis
+        """The basis V R (D, d): the stored V itself, or a new tensor when a rotation R is
+        pending. Reading it changes nothing: a fold on one rank only (metrics, a checkpoint
+        written by rank 0) would round that replica's V differently from the others'."""
+        if self._basis is None or self._pending is None:
+            return self._basis
+        folded = self._basis.clone()  # direction-major kept
+        right_multiply_(folded, self._pending, native=self.param_groups[0]["kernels"] == "auto")
+        return folded
+
+    @property
+    def basis_bytes(self) -> int:
+        """Memory of the stored basis V (what OSFN adds over its base, with its d-sized state)."""
+        return 0 if self._basis is None else self._basis.numel() * self._basis.element_size()
 
     # ------------------------------------------------------- persistence
     def state_dict(self):
-        """``{"bases": [each base's own state_dict], "osfn": the subspace's state}``."""
-        self._fold()
+        """``{"bases": [each base's own state_dict], "osfn": the subspace's state}``. The
+        basis is saved as stored, V and the d × d rotation R still pending on it (the basis is
+        V R; ``basis_rotation`` None: R = I), so that saving changes nothing and a resumed run
+        repeats the uninterrupted one bit for bit."""
         sd = {"bases": [b.state_dict() for b in self._bases]}
         worker = {
             "version": WORKER_STATE_VERSION,
             "basis": None if self._basis is None else self._basis.clone(),
+            "basis_rotation": None if self._pending is None else self._pending.clone(),
             "basis_version": self._basis_version,
             "residual_step_dot": self._residual_step_dot,
             "prev_step_coords": self._prev_step_coords,
@@ -938,7 +952,9 @@ class OSFN(Optimizer):
             # basis_dtype says (a bfloat16 checkpoint widens to float32, and back to nearest)
             dtype = self._ensure_basis(self._params()).dtype
             basis = as_basis_layout(basis.clone().to(device=device, dtype=dtype))
-        self._basis, self._pending = basis, None
+        rotation = worker.get("basis_rotation")  # (absent in checkpoints written before it)
+        self._basis = basis
+        self._pending = None if rotation is None or basis is None else rotation.clone().to(basis.device)
         self._basis_version = worker["basis_version"]
         self._residual_step_dot = worker["residual_step_dot"]
         prev = worker.get("prev_step_coords")

@@ -47,3 +47,26 @@ def test_loading_into_another_subspace_size_is_a_typed_error(tmp_path):
     other = work.build_model()
     with pytest.raises(DimensionMismatchError, match="subspace_dim"):
         checkpoint.load(tmp_path / "ckpt", other, OSFN(other.parameters(), lr=3e-3, subspace_dim=6))
+
+
+def test_saving_or_reading_the_basis_changes_nothing():
+    """Two identical runs, one of which saves a checkpoint and reads ``opt.basis`` midway
+    (what rank 0 alone does in a Ray run): they must stay equal bit for bit. The basis is
+    V R with R pending in d × d after each re-orthonormalisation; folding R into V on one
+    replica only would round it differently from the others."""
+    work = get_workload("tiny_mlp")
+    runs = []
+    for inspect in (False, True):
+        model = work.build_model()
+        opt = OSFN(model.parameters(), lr=3e-3, subspace_dim=4)
+        _train(work, model, opt, 0, 20)  # past the re-orthonormalisation at step 16
+        assert opt._pending is not None and not torch.equal(opt._pending, torch.eye(4, dtype=opt._pending.dtype))
+        if inspect:
+            opt.state_dict()
+            v = opt.basis
+            torch.testing.assert_close(v, opt._basis @ opt._pending.to(v.dtype), rtol=1e-5, atol=1e-6)  # V R
+            # (orthonormal up to the drift of the 4 rank-1 updates since the re-orthonormalisation)
+            assert torch.allclose(v.T.double() @ v.double(), torch.eye(4, dtype=torch.float64), atol=5e-2)
+        _train(work, model, opt, 20, 40)
+        runs.append(_flat(model))
+    assert torch.equal(runs[0], runs[1])

@@ -28,9 +28,7 @@ def state_bytes(optimizer) -> int:
         return 0
 
     total = walk(dict(optimizer.state))
-    basis = getattr(optimizer, "basis", None)
-    if isinstance(basis, torch.Tensor):
-        total += walk(basis)
+    total += int(getattr(optimizer, "basis_bytes", 0))
     return total
 
 

@@ -296,9 +296,7 @@ def optimizer_state_bytes(opt) -> int:
     from ..dataflow.shard import local
 
     total = 0
-    basis = getattr(opt, "basis", None)
-    if isinstance(basis, torch.Tensor):
-        total += basis.numel() * basis.element_size()
+    total += int(getattr(opt, "basis_bytes", 0))
     for st in opt.state.values():
         for v in st.values():
             if isinstance(v, torch.Tensor):
