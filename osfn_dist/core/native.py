@@ -29,6 +29,7 @@ import os
 import platform
 import shutil
 import subprocess
+import struct
 import tempfile
 import zlib
 from pathlib import Path
@@ -142,13 +143,17 @@ def _loaded(vt: torch.Tensor) -> ctypes.CDLL:
     return _lib[vt.dtype]
 
 
-def _seed(*coefficients: torch.Tensor | None) -> int:
+def _seed(vt: torch.Tensor, *coefficients: torch.Tensor | None) -> int:
     """The stochastic rounding's seed for a pass that writes a bfloat16 V: a hash of the
-    pass's own d-sized coefficients (new every step, the same on a resumed run)."""
+    pass's own d-sized coefficients (new every step, the same on a resumed run); 0 (unused)
+    for a float32 V."""
+    if vt.dtype != torch.bfloat16:
+        return 0
     h = 0
     for c in coefficients:
         if c is not None:
-            h = zlib.crc32(c.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(), h)
+            words = c.detach().to("cpu", torch.float32).contiguous().view(torch.int32).tolist()
+            h = zlib.crc32(struct.pack(f"<{len(words)}i", *words), h)
     return h
 
 
@@ -177,7 +182,7 @@ def move_and_update_(vt: torch.Tensor, coef: torch.Tensor, a: torch.Tensor, u: t
     parts = torch.empty(nt * (d + 3), dtype=torch.float64)
     _loaded(vt).osfn_move_update(_ptr(vt), d, total, _ptr(coef), _ptr(a), _ptr(u), _ptr(p), _ptr(c), _ptr(move),
                                  _ptr(res), _ptr(res[d:]), nt, _ptr(parts), _ptr(parts[nt * d:]), 0, None, None,
-                                 _seed(coef, c))
+                                 _seed(vt, coef, c))
     return move, res[:d], res[d:]
 
 
@@ -201,7 +206,7 @@ def move_into_params_(vt: torch.Tensor, coef: torch.Tensor, a: torch.Tensor, u: 
     parts = torch.empty(nt * (d + 3), dtype=torch.float64)
     _loaded(vt).osfn_move_update(_ptr(vt), d, total, _ptr(coef), _ptr(a), _ptr(u), _ptr(before), _ptr(c), None,
                                  _ptr(res), _ptr(res[d:]), nt, _ptr(parts), _ptr(parts[nt * d:]), len(params),
-                                 _pointers(params), starts, _seed(coef, c))
+                                 _pointers(params), starts, _seed(vt, coef, c))
     for p in params:  # written behind autograd's back: bump their versions as add_ would
         torch.autograd.graph.increment_version(p)
     return res[:d], res[d:]
@@ -276,4 +281,4 @@ def right_multiply_(vt: torch.Tensor, m: torch.Tensor, c: torch.Tensor | None = 
         c, r = c.to(torch.float32).contiguous(), r.contiguous()
     scratch = torch.empty(nt * d * SMALL_BLOCK, dtype=torch.float32)
     _loaded(vt).osfn_right_multiply(_ptr(vt), d, total, _ptr(m4), _ptr(c if r is not None else None), _ptr(r), nt,
-                                    _ptr(scratch), _seed(m4, c if r is not None else None))
+                                    _ptr(scratch), _seed(vt, m4, c if r is not None else None))
