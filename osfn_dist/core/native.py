@@ -152,7 +152,7 @@ def _seed(vt: torch.Tensor, *coefficients: torch.Tensor | None) -> int:
     h = 0
     for c in coefficients:
         if c is not None:
-            words = c.detach().to("cpu", torch.float32).contiguous().view(torch.int32).tolist()
+            words = c.detach().to("cpu", torch.float32).reshape(-1).contiguous().view(torch.int32).tolist()
             h = zlib.crc32(struct.pack(f"<{len(words)}i", *words), h)
     return h
 
