@@ -328,8 +328,9 @@ class OSFN(Optimizer):
     def _basis_dtype(self, params) -> torch.dtype:
         if self.config.basis_dtype == "bfloat16":
             device = local(params[0]).device if params else torch.device("cpu")
-            if device.type != "cpu" or not native_kernels.available():
-                why = f"the parameters are on {device}" if device.type != "cpu" else native_kernels.why_not()
+            if device.type != "cpu" or not native_kernels.stores(torch.bfloat16):
+                why = (f"the parameters are on {device}" if device.type != "cpu"
+                       else native_kernels.why_not() or "the bfloat16 variant did not build; see the log")
                 raise ConfigError(f"basis_dtype='bfloat16' stores V for the native CPU passes, which cannot run "
                                   f"here ({why}); use basis_dtype='auto'")
             return torch.bfloat16

@@ -374,7 +374,7 @@ def test_a_bfloat16_basis_without_the_native_passes_is_a_config_error(monkeypatc
     and what to use instead — not a silent float32 basis or a slow widened one."""
     from osfn_dist import OSFN, ConfigError
 
-    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(native, "stores", lambda dtype: False)
     monkeypatch.setattr(native, "why_not", lambda: "OSFN_DIST_NATIVE=0")
     model = torch.nn.Linear(4, 4)
     opt = OSFN(model.parameters(), lr=0.01, basis_dtype="bfloat16")
@@ -382,3 +382,21 @@ def test_a_bfloat16_basis_without_the_native_passes_is_a_config_error(monkeypatc
     with pytest.raises(ConfigError, match=r"OSFN_DIST_NATIVE=0.*basis_dtype='auto'"):
         opt.step()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_failed_bfloat16_build_leaves_the_float32_passes(monkeypatch):
+    """The bfloat16 variant uses more vector builtins than the float32 one: a compiler that
+    cannot build it must not take the float32 passes away."""
+    real = native._build_one
+
+    def build(defines, suffix=""):
+        if defines:
+            raise RuntimeError("simulated compiler failure")
+        return real(defines, suffix)
+
+    if not HAS_CC:
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(native, "_build_one", build)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_why_not", None)
+    assert native.available() and native.stores(torch.float32) and not native.stores(torch.bfloat16)

@@ -60,7 +60,17 @@ def _cpu_signature() -> str:
 
 
 def _build() -> dict:
-    return {torch.float32: _build_one([]), torch.bfloat16: _build_one(["-DOSFN_VBF16"], "_bf16")}
+    libs = {torch.float32: _build_one([])}
+    try:  # an older compiler may lack a vector builtin of the bfloat16 variant: float32 only, then
+        libs[torch.bfloat16] = _build_one(["-DOSFN_VBF16"], "_bf16")
+    except Exception as exc:
+        log.warning("native passes for a bfloat16 basis unavailable (%s); float32 only", exc)
+    return libs
+
+
+def stores(dtype: torch.dtype) -> bool:
+    """Whether the native passes are built for a basis V of this dtype."""
+    return available() and dtype in _lib
 
 
 def _build_one(defines: list[str], suffix: str = "") -> ctypes.CDLL:
