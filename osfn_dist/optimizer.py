@@ -520,6 +520,16 @@ class OSFN(Optimizer):
     def _gradients_finite(self, params, has_grad) -> bool:
         return self._layout.all_true(_all_finite([local(p.grad) for p, ok in zip(params, has_grad) if ok]))
 
+    def _skipped_late(self, params, has_grad, grad_sqnorm: float) -> bool:
+        """The deferred finiteness check of a curvature step, before anything has moved: a
+        finite ‖g‖² passes (NaN: not known yet), else the per-tensor check decides (finite
+        values may overflow the norm). A step found non-finite is taken back and skipped."""
+        if math.isfinite(grad_sqnorm) or self._gradients_finite(params, has_grad):
+            return False
+        self._steps -= 1
+        self._reject_nonfinite()
+        return True
+
     def _reject_nonfinite(self) -> None:
         """Count a step skipped for non-finite gradients (nothing has moved), or raise."""
         self._skipped += 1
@@ -665,11 +675,8 @@ class OSFN(Optimizer):
         # (gradients and sources × σ, positions and displacements ÷ σ, the move × σ)
         sigma = self._preconditioner(params, owners, work_dtype(basis))
         if self._preconditioned and sigma is None:  # Adam has no second moments yet
-            if check_finite and not self._gradients_finite(params, has_grad):
-                self._steps -= 1
-                self._reject_nonfinite()
-                return
-            self._complement_only_step(params)
+            if not (check_finite and self._skipped_late(params, has_grad, float("nan"))):
+                self._complement_only_step(params)
             return
         with _phase("osfn.collect"):  # flatten, project g and the source in one pass over V
             pair = self._pair_buffer(basis)
@@ -707,9 +714,7 @@ class OSFN(Optimizer):
             )
         # ‖g‖² is finite iff every gradient is, unless finite values overflowed it (then the
         # exact check decides); skipped here, nothing of the state has changed yet
-        if check_finite and not math.isfinite(report.grad_sqnorm) and not self._gradients_finite(params, has_grad):
-            self._steps -= 1
-            self._reject_nonfinite()
+        if check_finite and self._skipped_late(params, has_grad, report.grad_sqnorm):
             return
         # exchange (before anything moves: a refused or lost update leaves θ and the base untouched)
         with _phase("osfn.exchange"):
@@ -780,7 +785,7 @@ class OSFN(Optimizer):
             self._fold()
             self._basis = self._basis.to(torch.bfloat16)
         except BaseException:
-            self._basis = stored  # nothing of V changed (a failed step changes nothing)
+            self._basis, self._pending = stored, None  # V as stored (folded above), no rotation pending
             raise
 
     def _apply_move(self, params, basis, moves, move, disp, disp_z, before, sigma, measure, fused,
