@@ -8,6 +8,8 @@ gloo all-reduce, the curvature actor) with
 
 - ``adamw (DDP)``          DDP + torch AdamW (the baseline),
 - ``osfn (DDP)``           OSFN on DDP's averaged gradients (``osfn-dist train``'s default),
+- ``osfn (DDP), worker noise`` the same plus the DDP hook that sends every worker's own
+                           projection to the service (``--worker-noise``),
 - ``osfn (gradient_sync)`` OSFN's own all-reduce after backward (the earlier default),
 - ``osfn s=1``             OSFN, one-step-stale pipelining (actor round trip behind the next fwd/bwd),
 - ``osfn shard``           OSFN with the basis sharded across the workers (gradient_sync),
@@ -71,6 +73,7 @@ def mlp_10m(seed: int = 0) -> Workload:
 VARIANTS = {
     "adamw (DDP)": ({"name": "adamw", "lr": 1e-3}, {}),
     "osfn (DDP)": ({"name": "osfn", "lr": 1e-3}, {}),
+    "osfn (DDP), worker noise": ({"name": "osfn", "lr": 1e-3}, {"worker_noise": True}),
     "osfn (gradient_sync)": ({"name": "osfn", "lr": 1e-3}, {"parallel": "gradient_sync"}),
     "osfn s=1": ({"name": "osfn", "lr": 1e-3}, {"staleness": 1}),
     "osfn shard": ({"name": "osfn", "lr": 1e-3}, {"shard_basis": True}),
@@ -125,7 +128,7 @@ def run_one(size: str, variant: str, steps: int, out_dir: Path, workers: int) ->
     opt, extra = VARIANTS[variant]
     if "own_loop" in extra:
         return run_own_loop(size, variant, steps, out_dir, workers)
-    run_dir = out_dir / f"{size}-{variant.replace(' ', '_').replace('(', '').replace(')', '').replace('=', '')}"
+    run_dir = out_dir / f"{size}-{variant.replace(' ', '_').replace('(', '').replace(')', '').replace('=', '').replace(',', '')}"
     cfg = TrainConfig(workload=f"bench.distributed:mlp_{size}", steps=steps, run_dir=str(run_dir), backend="ray",
                       num_workers=workers, checkpoint_every=10**9, keep_checkpoints=1, log_every=10,
                       optimizer=dict(opt), **extra)

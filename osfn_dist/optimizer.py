@@ -576,7 +576,7 @@ class OSFN(Optimizer):
         rows = {id(p): r for p, (_, r) in zip(params, param_slices(params))}
         # the stored V (not opt.basis, which would apply a pending rotation R in backward):
         # _sync maps what the hook projected by R, as build_report maps the step's own projections
-        self._ddp_projections = DDPProjections(ddp_model, lambda p: rows[id(p)], lambda: self._basis)
+        self._ddp_projections = DDPProjections(ddp_model, lambda p: rows[id(p)], lambda: self._basis, self.subspace_dim)
         return self
 
     def zero_grad(self, set_to_none: bool = True) -> None:

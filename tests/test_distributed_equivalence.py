@@ -138,7 +138,9 @@ def _ddp_phase(rank, world, steps=STEPS):
 def _noise_phase(rank, world, mode, steps=30):
     """With noise damping on, the service needs every worker's own projection: GradientSync
     gathers them; under DDP, watch_ddp's communication hook does. mode: "sync", "ddp" (no
-    hook: no noise estimate) or "ddp_watch"."""
+    hook: no noise estimate), "ddp_watch", or the recipe's ``osfn_for`` as Ray workers build
+    OSFN: "for" (its default, no hook) and "for_noise" (worker_noise=True)."""
+    from osfn_dist.recipes.ray_train_loop import osfn_for
     from torch.nn.parallel import DistributedDataParallel
 
     from osfn_dist.core.config import OSFNConfig
@@ -153,6 +155,9 @@ def _noise_phase(rank, world, mode, steps=30):
     if mode == "sync":
         net = model
         opt = OSFN(model.parameters(), exchange=LeaderExchange(inner), gradient_sync=GradientSync(), **hyper)
+    elif mode.startswith("for"):
+        net = DistributedDataParallel(model)
+        opt = osfn_for(net, "ddp", LeaderExchange(inner), worker_noise=mode == "for_noise", **hyper)
     else:
         net = DistributedDataParallel(model)
         opt = OSFN(net.parameters(), exchange=LeaderExchange(inner), **hyper)
@@ -371,7 +376,7 @@ def _worker(rank, world, port, out_dir):
         out["scaler"] = _grad_scaler_phase(rank, world)
         out["fsdp2"] = _fsdp2_phase(rank, world, out_dir)
         out["divergence"] = _divergence_phase(rank, world)
-        noise = {mode: _noise_phase(rank, world, mode) for mode in ("sync", "ddp", "ddp_watch")}
+        noise = {mode: _noise_phase(rank, world, mode) for mode in ("sync", "ddp", "ddp_watch", "for", "for_noise")}
         out["noise"] = {mode: v[0] for mode, v in noise.items()}
         out["noise_reports"] = {mode: v[1:] for mode, v in noise.items()}
         # a leader whose exchange fails: every rank must raise, none may hang
@@ -552,6 +557,14 @@ def test_watch_ddp_gives_the_service_every_workers_projection(two_workers):
     assert lazy_steps > 10 and len(watched) == len(sync) - 1 > 20
     for a, b in zip(watched, sync[1:]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_the_recipes_osfn_for_hooks_ddp_only_with_worker_noise(two_workers):
+    """Ray workers build OSFN with osfn_for: by default no projection hook (the noise estimate
+    of one process, nothing extra per step), with worker_noise=True the hook's run exactly."""
+    noise, reports = two_workers[0]["noise"], two_workers[0]["noise_reports"]
+    assert torch.equal(noise["for"], noise["ddp"]) and reports["for"][0] == []
+    assert torch.equal(noise["for_noise"], noise["ddp_watch"]) and len(reports["for_noise"][0]) > 20
 
 
 def test_a_rank_that_drifts_or_runs_another_model_is_a_typed_error_on_every_rank(two_workers):

@@ -29,6 +29,10 @@ def test_parallel_mode_follows_the_flags():
     assert command.config_from_args(_args("--shard-basis")).parallel_mode() == "gradient_sync"
     with pytest.raises(ConfigError, match="shard_basis needs parallel='gradient_sync'"):
         command.config_from_args(_args("--shard-basis", "--parallel", "ddp"))
+    assert command.config_from_args(_args("--worker-noise")).worker_noise
+    assert not command.config_from_args(_args()).worker_noise  # the DDP hook is opt-in
+    with pytest.raises(ConfigError, match="worker_noise is for parallel='ddp'"):
+        command.config_from_args(_args("--worker-noise", "--parallel", "fsdp2"))
     local = _args("--parallel", "fsdp2", "--backend", "local")
     with pytest.raises(ConfigError, match="--parallel needs Ray Train workers"):
         command._refuse_for_local(local, command.config_from_args(local))
@@ -69,7 +73,7 @@ def test_ray_flags_reach_the_config(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [{"staleness": 2}, {"keep_checkpoints": 0}, {"actor_timeout_s": 0},
-                                 {"max_failures": -2}, {"shard_basis": "yes"},
+                                 {"max_failures": -2}, {"shard_basis": "yes"}, {"worker_noise": 1},
                                  {"parallel": "zero3"}])
 def test_invalid_ray_settings_are_config_errors(bad):
     with pytest.raises(ConfigError):

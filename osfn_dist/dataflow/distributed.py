@@ -147,13 +147,14 @@ class DDPProjections:
     *local* gradient onto its rows of V just before the bucket's all-reduce (overlapped with
     backward like the all-reduce itself), accumulating d floats; the optimizer all-gathers
     those d floats per worker at its step. Costs one read of V per step (spread over the
-    buckets) and d·N floats of communication.
+    buckets) and one all-gather of (d + 1)·N floats.
 
     ``rows_of(p)`` gives the slice of V's rows that belongs to parameter ``p`` (its place in
-    the optimizer's flat order), ``basis()`` the current V (None before the first step)."""
+    the optimizer's flat order), ``basis()`` the current V (None before the first step),
+    ``dim`` its number of directions d."""
 
-    def __init__(self, ddp_model, rows_of, basis, group=None):
-        self.rows_of, self.basis, self.group = rows_of, basis, group
+    def __init__(self, ddp_model, rows_of, basis, dim: int, group=None):
+        self.rows_of, self.basis, self.dim, self.group = rows_of, basis, int(dim), group
         self.world = dist.get_world_size(group)
         self.acc: torch.Tensor | None = None
         ddp_model.register_comm_hook(self, DDPProjections._hook)
@@ -178,11 +179,14 @@ class DDPProjections:
     def gather(self) -> torch.Tensor | None:
         """(N, d) float64 on the CPU, ordered by rank, and reset for the next step; None when
         no bucket was projected (the first step, before the basis exists)."""
-        if not agree([self.acc is not None], self.group, every=True)[0]:
-            self.acc = None
-            return None
-        local = self.acc.to(_backend_device(self.group)).contiguous()
+        # one collective: [has a projection, the projection] from every rank, so all ranks
+        # agree on None when any rank projected nothing
+        mine = torch.zeros(self.dim + 1, dtype=torch.float64)
+        if self.acc is not None:
+            mine[0], mine[1:] = 1.0, self.acc.cpu()
+        self.acc = None
+        local = mine.to(_backend_device(self.group))
         out = [torch.empty_like(local) for _ in range(self.world)]
         dist.all_gather(out, local, group=self.group)
-        self.acc = None
-        return torch.stack([t.cpu() for t in out])
+        rows = torch.stack([t.cpu() for t in out])
+        return rows[:, 1:].contiguous() if bool((rows[:, 0] > 0).all()) else None

@@ -21,7 +21,8 @@ Driver::
         release_curvature_actor(actor)
 
 The actor and the optimizers must agree on the subspace settings (the same ``hyper``); the
-actor refuses a trainer with another ``subspace_dim`` or rule.
+actor refuses a trainer with another ``subspace_dim`` or rule. ``"worker_noise": True`` in
+the loop config (DDP) sends every worker's own projection to the actor (``osfn_for``).
 
 Checkpoints (every ``checkpoint_every`` steps) hold the model, the optimizer (V included) and
 the actor's state: with DDP rank 0 writes one ``state.pt``; with FSDP2 every rank writes
@@ -81,11 +82,16 @@ def parallelize(model: torch.nn.Module, parallel: str, world: int) -> torch.nn.M
     return model
 
 
-def osfn_for(model: torch.nn.Module, parallel: str, exchange, **hyper):
-    """OSFN over ``model`` as ``parallelize`` left it. Under DDP with noise damping on, a DDP
-    communication hook also gives the service every worker's own projection (``watch_ddp``);
-    with ``"gradient_sync"`` OSFN averages the gradients itself (``shard_basis=True`` is
-    allowed only there)."""
+def osfn_for(model: torch.nn.Module, parallel: str, exchange, worker_noise: bool = False, **hyper):
+    """OSFN over ``model`` as ``parallelize`` left it; with ``"gradient_sync"`` OSFN averages
+    the gradients itself (``shard_basis=True`` is allowed only there).
+
+    ``worker_noise`` (DDP, noise damping on): a DDP communication hook also gives the service
+    every worker's own projection (``watch_ddp``), so that the per-direction noise estimate
+    comes from the spread between workers instead of the spread of the averaged projection
+    over time (what one process uses). Off by default: at 2 CPU workers it cost 20–25% of the
+    step (two more collectives and a read of V per step) and measured no better
+    (README, "Distributed")."""
     from ..dataflow.distributed import GradientSync
     from ..optimizer import OSFN
     from ..train.config import check_parallel
@@ -94,7 +100,7 @@ def osfn_for(model: torch.nn.Module, parallel: str, exchange, **hyper):
     if parallel == "gradient_sync":
         hyper["gradient_sync"] = GradientSync()
     opt = OSFN(model.parameters(), exchange=exchange, **hyper)
-    if parallel == "ddp" and opt.config.noise_damping and opt.subspace_dim:
+    if worker_noise and parallel == "ddp" and opt.config.noise_damping and opt.subspace_dim:
         opt.watch_ddp(model)
     return opt
 
@@ -149,7 +155,8 @@ def train_func(config: dict) -> None:
     model = workload.build_model()
     # DDP averages the gradients overlapped with backward; FSDP2 reduce-scatters them
     model = parallelize(model, parallel, world)
-    opt = osfn_for(model, parallel, curvature_exchange(config["actor"]), **config.get("hyper", {}))
+    opt = osfn_for(model, parallel, curvature_exchange(config["actor"]), worker_noise=bool(config.get("worker_noise")),
+                   **config.get("hyper", {}))
     actor = get_curvature_actor(config["actor"]) if isinstance(config["actor"], str) else config["actor"]
     start = 0
     latest = ray.train.get_checkpoint()  # after a failure: where to pick up

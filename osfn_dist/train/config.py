@@ -78,6 +78,9 @@ class TrainConfig:
     # "fsdp2" (fully_shard: parameters and V sharded), "gradient_sync" (OSFN's own all-reduce
     # after backward; the only one for shard_basis). None: gradient_sync with shard_basis, else ddp
     parallel: str | None = None
+    # parallel="ddp": every worker's own projection reaches the service (the noise estimate
+    # from the spread between workers; costs a DDP hook and two collectives per step)
+    worker_noise: bool = False
     resume_from: str | None = None  # a checkpoint directory, or a run directory (its latest checkpoint)
     storage_path: str | None = None  # checkpoints (shared storage on multi-node clusters); default <run_dir>/ray
     keep_checkpoints: int = 2
@@ -112,6 +115,11 @@ class TrainConfig:
         if self.parallel is not None and self.parallel not in PARALLEL:
             bad("parallel", f"one of {PARALLEL} (or unset)")
         check_parallel(self.parallel, self.shard_basis)
+        if not isinstance(self.worker_noise, bool):
+            bad("worker_noise", "true or false")
+        if self.worker_noise and self.parallel_mode() != "ddp":
+            raise ConfigError(f"worker_noise is for parallel='ddp' (this run has {self.parallel_mode()!r}): "
+                              "gradient_sync gathers every worker's projection anyway, FSDP2 has no such hook")
         if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
             bad("keep_checkpoints", "an int >= 1")
         for name in ("max_failures", "actor_max_restarts"):

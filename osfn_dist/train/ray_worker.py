@@ -4,8 +4,9 @@ Data path per step. The model is made data parallel by the same public helpers a
 loop uses (``osfn_dist.recipes.ray_train_loop.parallelize`` / ``osfn_for``)::
 
     forward/backward on this worker's slice of the global batch
-      parallel="ddp" (default): DDP averages the gradients, overlapped with backward; its
-                  communication hook also projects each bucket's local gradient (d floats)
+      parallel="ddp" (default): DDP averages the gradients, overlapped with backward
+                  (worker_noise: its communication hook also projects each bucket's local
+                  gradient, d floats, for the service's noise estimate)
       parallel="fsdp2": fully_shard reduce-scatters them; V keeps this rank's rows
       parallel="gradient_sync": OSFN.step() all-reduces the flat gradient itself (the only
                   mode for shard_basis)
@@ -83,7 +84,7 @@ def _build_osfn(model, cfg: TrainConfig, rank: int, actor):
     hyper = cfg.optimizer_kwargs()
     if cfg.shard_basis:
         hyper["shard_basis"] = True
-    opt = osfn_for(model, cfg.parallel_mode(), LeaderExchange(inner), **hyper)
+    opt = osfn_for(model, cfg.parallel_mode(), LeaderExchange(inner), worker_noise=cfg.worker_noise, **hyper)
     return opt, actor_exchange, pipeline
 
 
