@@ -58,7 +58,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--worker-noise", action="store_true", default=None,
         help="with --parallel ddp: the curvature service estimates gradient noise from every worker's own "
-             "projection (a DDP hook; off by default: it costs 20-25%% of a CPU step)",
+             "projection (a DDP hook; off by default: it cost 15-19%% of a 2-worker CPU step)",
     )
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
     p.add_argument("--resume-from", help="checkpoint directory, or a run directory to resume from its latest")
