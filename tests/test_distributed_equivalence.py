@@ -140,11 +140,11 @@ def _noise_phase(rank, world, mode, steps=30):
     gathers them; under DDP, watch_ddp's communication hook does. mode: "sync", "ddp" (no
     hook: no noise estimate), "ddp_watch", or the recipe's ``osfn_for`` as Ray workers build
     OSFN: "for" (its default, no hook) and "for_noise" (worker_noise=True)."""
-    from osfn_dist.recipes.ray_train_loop import osfn_for
     from torch.nn.parallel import DistributedDataParallel
 
     from osfn_dist.core.config import OSFNConfig
     from osfn_dist.dataflow.distributed import GradientSync, LeaderExchange
+    from osfn_dist.recipes.ray_train_loop import osfn_for
 
     # basis_update_every 2: eigen-alignments land between re-orthonormalisations, so the
     # lazy path holds a rotation R != I pending for many steps

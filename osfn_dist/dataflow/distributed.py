@@ -181,11 +181,10 @@ class DDPProjections:
         no bucket was projected (the first step, before the basis exists)."""
         # one collective: [has a projection, the projection] from every rank, so all ranks
         # agree on None when any rank projected nothing
-        mine = torch.zeros(self.dim + 1, dtype=torch.float64)
+        local = torch.zeros(self.dim + 1, dtype=torch.float64, device=_backend_device(self.group))
         if self.acc is not None:
-            mine[0], mine[1:] = 1.0, self.acc.cpu()
+            local[0], local[1:] = 1.0, self.acc
         self.acc = None
-        local = mine.to(_backend_device(self.group))
         out = [torch.empty_like(local) for _ in range(self.world)]
         dist.all_gather(out, local, group=self.group)
         rows = torch.stack([t.cpu() for t in out])

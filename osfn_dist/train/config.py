@@ -79,7 +79,7 @@ class TrainConfig:
     # after backward; the only one for shard_basis). None: gradient_sync with shard_basis, else ddp
     parallel: str | None = None
     # parallel="ddp": every worker's own projection reaches the service (the noise estimate
-    # from the spread between workers; costs a DDP hook and two collectives per step)
+    # from the spread between workers; costs a DDP hook and one all-gather per step)
     worker_noise: bool = False
     resume_from: str | None = None  # a checkpoint directory, or a run directory (its latest checkpoint)
     storage_path: str | None = None  # checkpoints (shared storage on multi-node clusters); default <run_dir>/ray
