@@ -2,7 +2,8 @@
 
     python bench/step_time.py                       # ~1M-parameter MLP, d = 8, CPU
     python bench/step_time.py --width 2048 --d 16   # bigger model / subspace
-    python bench/step_time.py --device cuda         # on a GPU (name the card with the numbers)
+    python bench/step_time.py --device cuda         # on a GPU (name the card with the numbers;
+                                                    # adds the Triton rows, float32 and bfloat16 V)
     python bench/step_time.py --workload char_lm --batch 32   # the built-in transformer LM
 
 Rounds interleave the optimizers (AdamW, OSFN, AdamW, OSFN, ...) so background load hits
@@ -129,6 +130,11 @@ def main(argv=None) -> int:
     if dev == "cpu":  # V stored in bfloat16 for the native passes: half their traffic over V
         makers[f"OSFN d={args.d}, bfloat16 basis"] = lambda ps: OSFN(ps, lr=1e-3, subspace_dim=args.d,
                                                                     basis_dtype="bfloat16")
+    else:  # the one-pass Triton kernels (core.triton_pass), V in float32 and in bfloat16
+        makers[f"OSFN d={args.d}, Triton passes"] = lambda ps: OSFN(ps, lr=1e-3, subspace_dim=args.d,
+                                                                   kernels="triton")
+        makers[f"OSFN d={args.d}, Triton passes, bfloat16 basis"] = lambda ps: OSFN(
+            ps, lr=1e-3, subspace_dim=args.d, kernels="triton", basis_dtype="bfloat16")
     # the in-process service one step behind, on a thread
     makers[f"OSFN d={args.d}, pipelined service"] = lambda ps: OSFN(ps, lr=1e-3, subspace_dim=args.d, pipelined=True)
     for k in args.every:

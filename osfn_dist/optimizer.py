@@ -15,7 +15,8 @@ from .base_optimizer import (build_default_bases, check_params, preconditioner_s
 from .core.config import COMPLEMENT_FIELDS, OSFNConfig
 from .core.errors import ConfigError, DimensionMismatchError, NonFiniteGradientError
 from .core import native as native_kernels
-from .core.subspace import as_basis_layout, new_basis, right_multiply_, work_dtype
+from .core import triton_pass
+from .core.subspace import as_basis_layout, new_basis, one_pass, right_multiply_, work_dtype
 from .dataflow.apply import check_version, move_and_update, newton_move, scatter_add, update_basis
 from .dataflow.collect import build_report, flat_gradient, write_back
 from .dataflow.exchange import Exchange, InProcessExchange
@@ -42,6 +43,15 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     if bool(torch.isfinite(sums).all()):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _one_pass_covers(native, basis: torch.Tensor, params: list[torch.Tensor]) -> bool:
+    """Whether every pass of a lazy step over a bfloat16 V runs in the one-pass kernels: the
+    C loops writing into the parameters (CPU), or the Triton passes for float32 parameters."""
+    locals_ = [local(p) for p in params]
+    if native == "triton":
+        return one_pass(native, basis.T, *locals_) is triton_pass and bool(locals_)
+    return bool(native) and native_kernels.params_usable(locals_)
 
 
 def _subtract_params_(buf: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
@@ -326,13 +336,20 @@ class OSFN(Optimizer):
         return self.config.subspace_dim
 
     def _basis_dtype(self, params) -> torch.dtype:
+        device = local(params[0]).device if params else torch.device("cpu")
+        if self.config.kernels == "triton" and not (triton_pass.available() and (
+                device.type == "cuda" or (device.type == "cpu" and triton_pass.interpreting()))):
+            why = triton_pass.why_not() or f"the parameters are on {device}"
+            raise ConfigError(f"kernels='triton' runs the Triton passes on a CUDA device (or in Triton's interpreter, "
+                              f"TRITON_INTERPRET=1, for tests), not here ({why}); use kernels='auto'")
         if self.config.basis_dtype == "bfloat16":
-            device = local(params[0]).device if params else torch.device("cpu")
+            if self.config.kernels == "triton":
+                return torch.bfloat16
             if device.type != "cpu" or not native_kernels.stores(torch.bfloat16):
-                why = (f"the parameters are on {device}" if device.type != "cpu"
+                why = (f"the parameters are on {device}: use kernels='triton' there" if device.type != "cpu"
                        else native_kernels.why_not() or "the bfloat16 variant did not build; see the log")
-                raise ConfigError(f"basis_dtype='bfloat16' stores V for the native CPU passes, which cannot run "
-                                  f"here ({why}); use basis_dtype='auto'")
+                raise ConfigError(f"basis_dtype='bfloat16' stores V for the one-pass kernels (C on the CPU, Triton "
+                                  f"on a GPU), which cannot run here ({why}); or use basis_dtype='auto'")
             return torch.bfloat16
         return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
@@ -342,21 +359,26 @@ class OSFN(Optimizer):
         if self.config.basis_dtype != "bfloat16":
             return
         clash = [name for name, on in (
-            ("kernels=" + repr(self.config.kernels), self.config.kernels != "auto"),
+            ("kernels=" + repr(self.config.kernels), self.config.kernels not in ("auto", "triton")),
             ("coordinates='preconditioned'", self._preconditioned),
             ("gradient_sync", gradient_sync is not None), ("shard_basis", shard_basis),
             ("FSDP2 parameters", bool(self._fsdp))) if on]
         if clash:
             raise ConfigError(f"basis_dtype='bfloat16' is for a replicated basis in parameter coordinates with the "
-                              f"native CPU kernels (kernels='auto'); not with {', '.join(clash)}. Use "
+                              f"one-pass kernels (kernels='auto' or 'triton'); not with {', '.join(clash)}. Use "
                               "basis_dtype='auto' (float32)")
+
+    def _one_pass_kind(self):
+        """``native`` of the passes over V: True (kernels='auto': the C loops on the CPU),
+        "triton" (kernels='triton'), False (eager or compiled)."""
+        return {"auto": True, "triton": "triton"}.get(self.param_groups[0]["kernels"], False)
 
     def _fold(self) -> None:
         """Apply the pending rotation to the stored basis (V ← V R, one pass over V). Until
         then, every-step rotations are composed in d × d (``lazy`` in ``_curvature_step``)."""
         if self._pending is not None:
             if self._basis is not None:
-                right_multiply_(self._basis, self._pending, native=self.param_groups[0]["kernels"] == "auto")
+                right_multiply_(self._basis, self._pending, native=self._one_pass_kind())
             self._pending = None
 
     def _ensure_basis(self, params) -> torch.Tensor:
@@ -663,11 +685,10 @@ class OSFN(Optimizer):
         # where nothing else reads V between steps (no gradient_sync; the DDP hook's
         # projections are mapped by R in _sync)
         compiled = self.param_groups[0]["kernels"] == "compiled"
-        native = self.param_groups[0]["kernels"] == "auto"
+        native = self._one_pass_kind()
         lazy = (not exact and not measure and not compiled and not layout.sharded and self.gradient_sync is None
                 and float(hyper["complement_in_subspace"]) == 1.0)
-        if basis.dtype == torch.bfloat16 and not (
-                lazy and native and native_kernels.params_usable([local(p) for p in params])):
+        if basis.dtype == torch.bfloat16 and not (lazy and _one_pass_covers(native, basis, params)):
             return self._widened_step(params, has_grad, hyper, grad, worker_coords, check_finite)
         if not lazy:
             self._fold()
@@ -682,7 +703,7 @@ class OSFN(Optimizer):
             pair = self._pair_buffer(basis)
             from_displacement = self._displacement_is_source()
             projected = None  # one native pass from the parameters' own buffers, where it applies
-            if grad is None and lazy and native and sigma is None and not from_displacement:
+            if grad is None and lazy and native is True and sigma is None and not from_displacement:
                 projected = self._native_collect(params, owners, has_grad, basis, pair)
             if projected is not None:  # the source went to pair[1], θ to the "before" buffer
                 projected, before = projected
@@ -730,7 +751,7 @@ class OSFN(Optimizer):
             # the native pass can measure p = θ_before − θ and add the move into the parameters
             # itself (no flat displacement, move or scatter): the lazy path in θ coordinates
             local_params = [local(p) for p in params]
-            into = (lazy and keep == 1.0 and sigma is None and not from_displacement and native
+            into = (lazy and keep == 1.0 and sigma is None and not from_displacement and native is True
                     and native_kernels.params_usable(local_params) and native_kernels.usable(basis.T, before, source))
             if into:
                 disp = disp_z = None
@@ -843,7 +864,7 @@ class OSFN(Optimizer):
         if self._basis is None or self._pending is None:
             return self._basis
         folded = self._basis.clone()  # direction-major kept
-        right_multiply_(folded, self._pending, native=self.param_groups[0]["kernels"] == "auto")
+        right_multiply_(folded, self._pending, native=self._one_pass_kind())
         return folded
 
     @property

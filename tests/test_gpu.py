@@ -34,12 +34,49 @@ def test_cuda_bfloat16_params_with_float32_basis():
     assert opt.basis.dtype == torch.float32 and torch.isfinite(params).all()
 
 
-def test_cuda_refuses_a_bfloat16_basis_with_a_clear_error():
-    """basis_dtype='bfloat16' is for the native CPU passes: on a GPU, a ConfigError naming the device."""
+def test_cuda_refuses_a_bfloat16_basis_without_the_triton_kernels():
+    """basis_dtype='bfloat16' on a GPU is stored by the Triton passes: with kernels='auto' a
+    ConfigError naming the device and the setting that works."""
     from osfn_dist import ConfigError
 
-    with pytest.raises(ConfigError, match="cuda"):
+    with pytest.raises(ConfigError, match="cuda.*kernels='triton'"):
         _train("cuda", steps=1, basis_dtype="bfloat16")
+
+
+def test_cuda_triton_passes_match_float64():
+    """The compiled Triton kernels (core.triton_pass) on the GPU against their float64
+    formulas, float32 and bfloat16 V, at a size with thousands of programs."""
+    from osfn_dist.core import triton_pass
+
+    gen = torch.Generator().manual_seed(0)
+    d, total = 8, 3_000_017
+    for dtype in (torch.float32, torch.bfloat16):
+        vt = torch.randn(d, total, generator=gen).to(dtype)
+        v64 = vt.double()
+        g, u, p = (torch.randn(total, generator=gen) for _ in range(3))
+        coef, a, c = torch.randn(d, generator=gen), torch.randn(d, generator=gen), 0.01 * torch.randn(d, generator=gen)
+        cu = [t.cuda() for t in (vt, g, u, p)]
+        assert triton_pass.usable(*cu)
+        both, sq = triton_pass.project_pair(cu[0], cu[1], cu[2])
+        torch.testing.assert_close(both.cpu(), torch.stack([v64 @ g.double(), v64 @ u.double()]), rtol=1e-4, atol=1e-2)
+        torch.testing.assert_close(triton_pass.gram(cu[0]).cpu(), v64 @ v64.T, rtol=1e-4, atol=1e-1)
+        move, q, sums = triton_pass.move_and_update_(cu[0], coef, a, cu[2], cu[3], c)
+        exact = v64 + c.double()[:, None] * (u.double() - a.double() @ v64)[None, :]
+        torch.testing.assert_close(move.cpu().double(), coef.double() @ v64, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(q.cpu(), v64 @ p.double(), rtol=1e-4, atol=1e-2)
+        tol = 1e-5 if dtype == torch.float32 else 2.0 ** -7
+        assert ((cu[0].cpu().double() - exact).abs() <= exact.abs() * tol + 1e-5).all()
+
+
+def test_cuda_osfn_with_triton_kernels_matches_eager():
+    """OSFN(kernels='triton') on the GPU follows the eager GPU run (float32 V) and trains with
+    a bfloat16 V."""
+    eager, _ = _train("cuda")
+    fused, opt = _train("cuda", kernels="triton")
+    torch.testing.assert_close(fused, eager, rtol=1e-3, atol=1e-4)
+    half, opt = _train("cuda", kernels="triton", basis_dtype="bfloat16")
+    assert opt.basis.dtype == torch.bfloat16 and torch.isfinite(half).all()
+    assert (half - eager).abs().max() < 0.1
 
 
 def test_cuda_state_dict_round_trip():

@@ -286,7 +286,7 @@ INVALID = {
     "eigen_method": "lapack",
     "noise_damping": "yes",
     "nonfinite": "ignore",
-    "kernels": "triton",
+    "kernels": "fastest",
     "coordinates": "natural",
     "basis_dtype": "float16",
 }

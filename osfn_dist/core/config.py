@@ -18,7 +18,7 @@ SUBSPACE_RULES = ("oja", "replace", "oja+replace", "curvature")
 SUBSPACE_SOURCES = ("gradient", "momentum", "innovation")
 EIGEN_METHODS = ("qr", "eigh")
 NONFINITE_POLICIES = ("skip", "raise")
-KERNELS = ("auto", "eager", "compiled")
+KERNELS = ("auto", "eager", "compiled", "triton")
 COORDINATES = ("parameters", "preconditioned")
 BASIS_DTYPES = ("auto", "bfloat16")
 # the fields that configure the default base optimizer (and nothing else)
@@ -62,7 +62,9 @@ class OSFNConfig:
     nonfinite: str = "skip"
     # "auto": the native C passes over V on the CPU (core.native: built once per machine with
     # the system compiler; float32), plain torch ops elsewhere; "eager": plain torch ops
-    # everywhere; "compiled": torch.compile kernels for the two-pass path (core.kernels)
+    # everywhere; "compiled": torch.compile kernels for the two-pass path (core.kernels);
+    # "triton": the one-pass Triton kernels on a CUDA device (core.triton_pass; opt-in until
+    # measured on a GPU)
     kernels: str = "auto"
     # "preconditioned": the subspace, its regression and the Newton step live in the base's
     # preconditioned coordinates z = P^½ θ (P = √v̂ + ε from an Adam/AdamW base's second
@@ -70,7 +72,8 @@ class OSFNConfig:
     # P^(-½) H P^(-½); trust_radius and eig_floor are then in z units. Experimental.
     coordinates: str = "parameters"
     # how V is stored: "auto" float32 (float64 for float64 parameters); "bfloat16" half the
-    # memory and memory traffic of V, for the native CPU passes (kernels="auto" on the CPU;
+    # memory and memory traffic of V, for the one-pass kernels (kernels="auto" on the CPU,
+    # kernels="triton" on a GPU;
     # read widened to float32, written with stochastic rounding; every other vector and the
     # statistics stay float32 or better)
     basis_dtype: str = "auto"

@@ -8,6 +8,19 @@ from __future__ import annotations
 import torch
 
 from . import native as native_kernels
+from . import triton_pass
+
+
+def one_pass(native, vt: torch.Tensor | None, *tensors: torch.Tensor | None):
+    """The module of one-pass kernels over V for these tensors, or None (the eager torch
+    passes then). ``native`` True: the C loops of ``native`` on the CPU (none on a GPU until
+    Triton's have been measured there); "triton": ``triton_pass`` (CUDA, or the CPU in
+    Triton's interpreter); False: none. Both modules share their signatures."""
+    if not native:
+        return None
+    if native == "triton":
+        return triton_pass if triton_pass.usable(vt, *tensors) else None
+    return native_kernels if native_kernels.usable(vt, *tensors) else None
 
 
 def new_basis(rows: int, d: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -48,9 +61,10 @@ def right_multiply_(basis: torch.Tensor, m: torch.Tensor, rank1: tuple | None = 
     while it is in the scratch, so V m + r cᵀ costs one read and one write of V, not two.
     ``native``: the C loop of ``core.native`` where it applies (float32 on the CPU)."""
     vt = basis.T  # (d, D), contiguous
-    if native and vt.numel() and native_kernels.usable(vt, None if rank1 is None else rank1[1]):
+    passes = one_pass(native, vt, None if rank1 is None else rank1[1]) if vt.numel() else None
+    if passes is not None:
         c, r = (None, None) if rank1 is None else (rank1[0].to(torch.float32), rank1[1])
-        native_kernels.right_multiply_(vt, m.detach().to("cpu"), c, r)
+        passes.right_multiply_(vt, m.detach().to("cpu"), c, r)
         return basis
     _no_bfloat16(basis)
     m_t = m.to(device=vt.device, dtype=vt.dtype).T.contiguous()
@@ -120,8 +134,9 @@ def move_and_update_(
             raise ValueError("into= needs the native pass: float32 CPU tensors and no rotation")
         q, sums = native_kernels.move_into_params_(vt, f32(coef), f32(a), u, into[0], into[1], f32(c))
         return None, q.to(dtype), sums.to(dtype)
-    if native and rotation is None and d and total and native_kernels.usable(vt, u, p):
-        move, q, sums = native_kernels.move_and_update_(vt, f32(coef), f32(a), u, p, f32(c), out=out)
+    passes = one_pass(native, vt, u, p) if rotation is None and d and total else None
+    if passes is not None:
+        move, q, sums = passes.move_and_update_(vt, f32(coef), f32(a), u, p, f32(c), out=out)
         return move, q.to(dtype), sums.to(dtype)
     _no_bfloat16(basis)
     move = torch.empty(total, dtype=dtype, device=dev) if out is None else out
@@ -201,8 +216,9 @@ def cholesky_qr2(basis: torch.Tensor, alive: torch.Tensor | None = None, allredu
     everything = cols.numel() == d
     sub = as_basis_layout(basis) if everything else basis.index_select(1, cols)
     for _ in range(2):
-        if native and native_kernels.usable(sub.T):  # one read of V; BLAS's (d, D)×(D, d) costs ~4
-            gram = native_kernels.gram(sub.T).to(sub.device)
+        passes = one_pass(native, sub.T)
+        if passes is not None:  # one read of V; BLAS's (d, D)×(D, d) costs ~4
+            gram = passes.gram(sub.T).to(sub.device)
         else:
             gram = (sub.T @ sub).to(torch.float64)
         if allreduce is not None:
@@ -235,8 +251,9 @@ def orthonormalizing_factor(basis: torch.Tensor, right: torch.Tensor, native: bo
     keeps P as its pending rotation. None when VᵀV is not positive definite or P's
     condition number exceeds ``LAZY_MAX_COND`` (then apply R and use ``cholesky_qr2``)."""
     vt = as_basis_layout(basis).T
-    if native and native_kernels.usable(vt):
-        gram = native_kernels.gram(vt).to(vt.device)
+    passes = one_pass(native, vt)
+    if passes is not None:
+        gram = passes.gram(vt).to(vt.device)
     else:
         gram = (vt @ vt.T).to(torch.float64)
     p = right.to(device=gram.device, dtype=torch.float64)

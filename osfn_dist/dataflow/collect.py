@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core import native as native_kernels
-from ..core.subspace import project, project_pair, work_dtype
+from ..core.subspace import one_pass, project, project_pair, work_dtype
 from .messages import Report
 from .shard import REPLICATED, local, param_slices
 
@@ -53,9 +52,9 @@ def build_report(
     ``projected`` = (Vᵀg and Vᵀu as (2, d), [‖g‖², ‖u‖²]) already computed (``core.native.collect``;
     ``grad`` may then be None)."""
     sqnorms = None
-    if not layout.sharded and not exact_residual and (
-            projected is not None or (native and native_kernels.usable(basis.T, grad, source))):
-        both, sqnorms = projected if projected is not None else native_kernels.project_pair(basis.T, grad, source)
+    passes = one_pass(native, basis.T, grad, source) if projected is None and not layout.sharded else None
+    if not layout.sharded and not exact_residual and (projected is not None or passes is not None):
+        both, sqnorms = projected if projected is not None else passes.project_pair(basis.T, grad, source)
         both = both.to(work_dtype(basis))
         coords, src_coords, residual = both[0], both[0] if source is None else both[1], None
         if coords_map is not None:
