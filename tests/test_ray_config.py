@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
 from osfn_dist.core.errors import ConfigError
 from osfn_dist.train import command
@@ -33,6 +34,11 @@ def test_parallel_mode_follows_the_flags():
     assert not command.config_from_args(_args()).worker_noise  # the DDP hook is opt-in
     with pytest.raises(ConfigError, match="worker_noise is for parallel='ddp'"):
         command.config_from_args(_args("--worker-noise", "--parallel", "fsdp2"))
+    from osfn_dist.recipes.ray_train_loop import osfn_for  # the own-loop recipe refuses it alike
+
+    for parallel in ("fsdp2", "gradient_sync"):
+        with pytest.raises(ConfigError, match=f"worker_noise=True is a DDP communication hook; parallel='{parallel}'"):
+            osfn_for(torch.nn.Linear(3, 2), parallel, None, worker_noise=True, subspace_dim=2)
     local = _args("--parallel", "fsdp2", "--backend", "local")
     with pytest.raises(ConfigError, match="--parallel needs Ray Train workers"):
         command._refuse_for_local(local, command.config_from_args(local))

@@ -98,6 +98,11 @@ def osfn_for(model: torch.nn.Module, parallel: str, exchange, worker_noise: bool
     from ..train.config import check_parallel
 
     check_parallel(parallel, bool(hyper.get("shard_basis")))
+    if worker_noise and parallel != "ddp":
+        from ..core.errors import ConfigError
+
+        raise ConfigError(f"worker_noise=True is a DDP communication hook; parallel={parallel!r} has no DDP "
+                          "(under 'gradient_sync' OSFN gathers every worker's projection itself): drop worker_noise")
     if parallel == "gradient_sync":
         hyper["gradient_sync"] = GradientSync()
     opt = OSFN(model.parameters(), exchange=exchange, **hyper)
