@@ -139,10 +139,16 @@ def running_mean(base: Optimizer, state: dict, group: dict, steps: int) -> tuple
 
     Adam/AdamW's exp_avg is bias-corrected by its own step count; Muon's buffer is an EMA
     from zero (mean b/(1 − μᵗ)); SGD's b ← μb + (1 − dampening)g sums with weights 1, μ, μ², ...
-    (mean b·(1 − μ)/(1 − μᵗ), dampening ignored)."""
+    (mean b·(1 − μ)/(1 − μᵗ), dampening ignored). The scale is a 0-d tensor where the step
+    count is one on a device (fused/capturable Adam on a GPU): reading it would wait for the
+    device, and the momentum source does not even use it."""
     if "exp_avg" in state:
-        t = float(state.get("step", 0))
+        t = state.get("step", 0)
         beta1 = float(group["betas"][0])
+        if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+            tf = t.to(torch.float64)
+            return state["exp_avg"], torch.where(tf > 0, 1.0 / (1.0 - beta1**tf), 1.0) if beta1 > 0 else 1.0
+        t = float(t)
         return state["exp_avg"], (1.0 / (1.0 - beta1**t) if t > 0 and beta1 > 0 else 1.0)
     buf = state.get("momentum_buffer")
     if buf is None:

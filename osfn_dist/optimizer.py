@@ -760,8 +760,11 @@ class OSFN(Optimizer):
                 disp_z = disp if sigma is None else disp / sigma
         with _phase("osfn.newton_move"):
             source = grad if source is None else source
-            source_coords = coords if report.source_coords is None else report.source_coords.to(basis.device, work_dtype(basis))
+            # a = Vᵀu as reported (on the host): the fused hop moves it where it is needed
+            source_coords = coords if report.source_coords is None else report.source_coords
             fused = residual is None and keep == 1.0 and not measure and not compiled
+            if not fused:
+                source_coords = source_coords.to(basis.device, work_dtype(basis))
             if into:  # p, the move into θ, Vᵀp, rᵀΔθ and V ← V + r cᵀ: one read and one write of V and θ
                 _, step_coords, self._residual_step_dot, self._basis, self._pending, sq_norms = move_and_update(
                     basis, None, update.step_coef, update, source, source_coords, pending=self._pending, lazy=lazy,
@@ -784,13 +787,12 @@ class OSFN(Optimizer):
                 self._basis = update_basis(basis, residual, update, layout)
         self._basis_version = update.new_version
         if sq_norms is not None and sigma is None:  # ‖p‖² and ‖Δθ‖², summed in the one pass over V
-            disp_norm, step_norm = sq_norms.clamp_min(0).sqrt().tolist()
+            norms = sq_norms.clamp_min(0).sqrt()  # stays on the device until ``diagnostics`` asks
         else:
-            disp_norm, step_norm = float(torch.linalg.vector_norm(disp)), float(torch.linalg.vector_norm(applied))
+            norms = torch.stack([torch.linalg.vector_norm(disp), torch.linalg.vector_norm(applied)])
         self._last = {
             **update.diagnostics,
-            "complement_step_norm": disp_norm,
-            "step_norm": step_norm,
+            "_step_norms": norms,
             "skipped_steps": self._skipped,
         }
 
@@ -854,6 +856,9 @@ class OSFN(Optimizer):
             "noise_ratio": 0.0,
         }
         out.update(self._last)
+        norms = out.pop("_step_norms", None)
+        if norms is not None:  # [‖p‖, ‖Δθ‖] of the last curvature step, read here (one host copy)
+            out["complement_step_norm"], out["step_norm"] = norms.tolist()
         return out
 
     @property
@@ -884,7 +889,7 @@ class OSFN(Optimizer):
             "basis": None if self._basis is None else self._basis.clone(),
             "basis_rotation": None if self._pending is None else self._pending.clone(),
             "basis_version": self._basis_version,
-            "residual_step_dot": self._residual_step_dot,
+            "residual_step_dot": float(self._residual_step_dot),
             "prev_step_coords": self._prev_step_coords,
             "anchor": None if self._anchor is None else self._anchor.clone(),
             "steps": self._steps,
@@ -981,7 +986,7 @@ class OSFN(Optimizer):
             basis = as_basis_layout(basis.clone().to(device=device, dtype=dtype))
         rotation = worker.get("basis_rotation")  # (absent in checkpoints written before it)
         self._basis = basis
-        self._pending = None if rotation is None or basis is None else rotation.clone().to(basis.device)
+        self._pending = None if rotation is None or basis is None else rotation.clone().to("cpu")  # R lives on the host
         self._basis_version = worker["basis_version"]
         self._residual_step_dot = worker["residual_step_dot"]
         prev = worker.get("prev_step_coords")

@@ -138,3 +138,32 @@ def test_cuda_compiled_kernels_match_eager():
     eager, _ = _train("cuda")
     fused, _ = _train("cuda", kernels="compiled")
     torch.testing.assert_close(fused, eager, rtol=1e-3, atol=1e-4)
+
+
+def test_cuda_steady_state_step_waits_for_the_device_about_once():
+    """kernels='triton', steady state (directions filled, lazy rotations): one host
+    synchronisation per step for the report (every d-sized result in one copy), one more on
+    re-orthonormalisation steps (VᵀV to the host), as torch's sync debug mode counts them."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4)).cuda()
+    opt = OSFN(base=torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), subspace_dim=4, kernels="triton")
+    x, y = torch.randn(32, 16, device="cuda"), torch.randn(32, 4, device="cuda")
+    counts = []
+    for step in range(80):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        if step >= 48:
+            counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    assert opt.diagnostics["alive_directions"] == 4
+    assert sum(counts) <= len(counts) + len(counts) // 16 + 1, counts

@@ -9,6 +9,7 @@ import torch
 
 from . import native as native_kernels
 from . import triton_pass
+from .transfer import to_device
 
 
 def one_pass(native, vt: torch.Tensor | None, *tensors: torch.Tensor | None):
@@ -145,9 +146,10 @@ def move_and_update_(
     if d == 0 or total == 0:
         move.zero_()
         return move, q, torch.stack([dot, p.to(dtype) @ p.to(dtype), p.to(dtype) @ p.to(dtype)])
-    both = torch.stack([coef, a]).to(device=dev, dtype=dtype)  # (2, d)
-    m_t = None if rotation is None else rotation.to(device=dev, dtype=dtype).T.contiguous()
-    c_col = None if c is None else c.to(device=dev, dtype=dtype).unsqueeze(1)
+    coef, a, c, rotation = to_device(dev, coef, a, c, rotation, dtype=dtype)  # one copy from the host, no wait
+    both = torch.stack([coef, a])  # (2, d)
+    m_t = None if rotation is None else rotation.T.contiguous()
+    c_col = None if c is None else c.unsqueeze(1)
     chunk = _chunk_columns(d, total, vt.element_size(), device=dev.type)
     two = torch.empty(2, chunk, dtype=dtype, device=dev)
     scratch = torch.empty(d, chunk, dtype=dtype, device=dev) if m_t is not None else None
@@ -252,12 +254,10 @@ def orthonormalizing_factor(basis: torch.Tensor, right: torch.Tensor, native: bo
     condition number exceeds ``LAZY_MAX_COND`` (then apply R and use ``cholesky_qr2``)."""
     vt = as_basis_layout(basis).T
     passes = one_pass(native, vt)
-    if passes is not None:
-        gram = passes.gram(vt).to(vt.device)
-    else:
-        gram = (vt @ vt.T).to(torch.float64)
-    p = right.to(device=gram.device, dtype=torch.float64)
-    eye = torch.eye(p.shape[0], dtype=torch.float64, device=gram.device)
+    gram = passes.gram(vt) if passes is not None else vt @ vt.T
+    gram = gram.to("cpu", torch.float64)  # d × d work on the host: one copy, not a sync per check below
+    p = right.to("cpu", torch.float64)
+    eye = torch.eye(p.shape[0], dtype=torch.float64)
     for _ in range(2):  # the second pass corrects the first one's rounding, as in CholeskyQR2
         chol, info = torch.linalg.cholesky_ex(p.T @ gram @ p)
         if int(info) != 0:

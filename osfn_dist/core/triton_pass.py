@@ -32,6 +32,7 @@ import os
 import torch
 
 from . import native as native_kernels
+from .transfer import to_device
 
 log = logging.getLogger("osfn_dist.triton_pass")
 
@@ -96,25 +97,6 @@ def _block(d: int) -> int:
     return max(128, min(2048, 8192 // max(_k("pow2")(d), 1)))
 
 
-def _on(device: torch.device, *vectors: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """The d-sized inputs as contiguous float32 on ``device``: those on the host in one
-    pinned, non-blocking copy (no wait for the device), those already there as they are."""
-    host = [v for v in vectors if v is not None and v.device != device]
-    if not host:
-        return [None if v is None else v.to(torch.float32).contiguous() for v in vectors]
-    flat = torch.cat([v.detach().reshape(-1).to(torch.float32) for v in host])
-    if device.type == "cuda":
-        flat = flat.pin_memory().to(device, non_blocking=True)
-    out, at = [], 0
-    for v in vectors:
-        if v is None or v.device == device:
-            out.append(None if v is None else v.to(torch.float32).contiguous())
-        else:
-            out.append(flat[at: at + v.numel()].view(v.shape))
-            at += v.numel()
-    return out
-
-
 def _seed(vt: torch.Tensor, *coefficients: torch.Tensor | None) -> int:
     """``native._seed`` of the host copies, folded into [2, 2³¹) (a positive int32 argument:
     Triton would specialise 1 as a constant and pass ≥ 2³¹ as int64)."""
@@ -145,7 +127,7 @@ def move_and_update_(vt: torch.Tensor, coef: torch.Tensor, a: torch.Tensor, u: t
     [rᵀ(move − p), ‖p‖², ‖move − p‖²] (float64, 3)), V ← V + r cᵀ if ``c`` is given."""
     d, total = vt.shape
     seed = _seed(vt, coef, c)
-    coef, a, c = _on(vt.device, coef, a, c)
+    coef, a, c = to_device(vt.device, coef, a, c)
     ok = out is not None and out.shape == (total,) and out.dtype == torch.float32 and out.is_contiguous() \
         and out.device == vt.device
     move = out if ok else torch.empty(total, dtype=torch.float32, device=vt.device)
@@ -164,7 +146,7 @@ def right_multiply_(vt: torch.Tensor, m: torch.Tensor, c: torch.Tensor | None = 
     """V ← V m (+ r cᵀ), in place on ``vt`` (d, D); m (d, d)."""
     d, total = vt.shape
     seed = _seed(vt, m, c)
-    m, c = _on(vt.device, m, c if r is not None else None)
+    m, c = to_device(vt.device, m, c if r is not None else None)
     block = max(128, _block(d) // 2)
     _k("right_multiply")[_grid(total, block)](vt, m, m if c is None else c, vt if r is None else r.contiguous(),
                                               total, seed, d=d, DP=_k("pow2")(d), HAS_R=r is not None,

@@ -8,6 +8,7 @@ from ..core import kernels
 from ..core.errors import VersionMismatchError
 from ..core.subspace import (apply_basis_update, cholesky_qr2, move_and_update_, orthonormalizing_factor,
                              right_multiply_, work_dtype)
+from ..core.transfer import to_device
 from .messages import DirectionUpdate
 from .shard import REPLICATED, param_slices
 
@@ -68,31 +69,38 @@ def move_and_update(
     lazy only, ``disp`` None: the pass measures p = before − θ and adds the move into the
     parameters itself; the move returned is None.
 
-    Returns (the move V s, VᵀΔθ = s − Vᵀp, rᵀΔθ for the step Δθ = move − p, the updated
-    stored basis, the pending R after the step, [‖p‖², ‖Δθ‖²] as a (2,) tensor)."""
+    Returns (the move V s, VᵀΔθ = s − Vᵀp, rᵀΔθ for the step Δθ = move − p (a 0-d tensor on
+    V's device), the updated stored basis, the pending R after the step (on the host),
+    [‖p‖², ‖Δθ‖²] as a (2,) tensor on V's device). The lazy path does its d × d algebra on the
+    host, where the service's coefficients already are: on a GPU nothing here waits for the
+    device (the d-sized results stay there until the next report takes them in one copy)."""
     dev, dtype = basis.device, work_dtype(basis)
-    s = step_coef.to(device=dev, dtype=dtype)
-    a = source_coords.to(dev, dtype)
-    rotation = update.rotation.to(dev) if update.rotation is not None else None
-    coef = update.residual_coef.to(dev) if update.residual_coef is not None else None
     if into is not None and not lazy:
         raise ValueError("into= is for the lazy path (the rotation composed in R, none applied to V)")
     if pending is None and not lazy:
+        s = step_coef.to(device=dev, dtype=dtype)
+        a = source_coords.to(dev, dtype)
+        rotation = update.rotation.to(dev) if update.rotation is not None else None
+        coef = update.residual_coef.to(dev) if update.residual_coef is not None else None
         move, q, sums = move_and_update_(basis, s, a, source, disp, rotation, coef, native=native, out=out)
-        return move, s - q, float(sums[0]), _reorthonormalize(basis, update, REPLICATED, native), None, sums[1:]
-    r = torch.eye(s.numel(), dtype=torch.float64, device=dev) if pending is None else pending
-    ra = r if rotation is None else r @ rotation.to(torch.float64)
-    stored_coef = None if coef is None else torch.linalg.solve(ra.T, coef.to(torch.float64))
-    move, q_stored, sums = move_and_update_(basis, (r @ s.double()).to(dtype), (r @ a.double()).to(dtype),
+        return move, s - q, sums[0], _reorthonormalize(basis, update, REPLICATED, native), None, sums[1:]
+    host = lambda x: None if x is None else x.detach().to("cpu", torch.float64)  # noqa: E731
+    s = host(step_coef).to(dtype).double()  # rounded as the device's copies were
+    a = host(source_coords).to(dtype).double()
+    r = torch.eye(s.numel(), dtype=torch.float64) if pending is None else host(pending)
+    ra = r if update.rotation is None else r @ host(update.rotation)
+    stored_coef = None if update.residual_coef is None else torch.linalg.solve(ra.T, host(update.residual_coef))
+    move, q_stored, sums = move_and_update_(basis, (r @ s).to(dtype), (r @ a).to(dtype),
                                            source, disp, None, stored_coef, native=native, out=out, into=into)
-    q = (r.T @ q_stored.double()).to(dtype)
+    r_t, s_dev = to_device(q_stored.device, r.T.contiguous(), s, dtype=torch.float64)
+    step_coords = s_dev.to(dtype) - (r_t @ q_stored.double()).to(dtype)  # s − (V R)ᵀp
     if update.reorthonormalize:  # in d × d from VᵀV while R stays near orthogonal; else apply R first
         factor = orthonormalizing_factor(basis, ra, native=native)
         if factor is not None:
-            return move, s - q, float(sums[0]), basis, factor, sums[1:]
+            return move, step_coords, sums[0], basis, factor, sums[1:]
         right_multiply_(basis, ra, native=native)
-        return move, s - q, float(sums[0]), _reorthonormalize(basis, update, REPLICATED, native), None, sums[1:]
-    return move, s - q, float(sums[0]), basis, ra, sums[1:]
+        return move, step_coords, sums[0], _reorthonormalize(basis, update, REPLICATED, native), None, sums[1:]
+    return move, step_coords, sums[0], basis, ra, sums[1:]
 
 
 def update_basis(basis: torch.Tensor, residual: torch.Tensor, update: DirectionUpdate, layout=REPLICATED) -> torch.Tensor:

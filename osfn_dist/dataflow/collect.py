@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..core.subspace import one_pass, project, project_pair, work_dtype
+from ..core.transfer import to_host
 from .messages import Report
 from .shard import REPLICATED, local, param_slices
 
@@ -57,8 +58,6 @@ def build_report(
         both, sqnorms = projected if projected is not None else passes.project_pair(basis.T, grad, source)
         both = both.to(work_dtype(basis))
         coords, src_coords, residual = both[0], both[0] if source is None else both[1], None
-        if coords_map is not None:
-            coords, src_coords = _mapped(coords_map, coords), _mapped(coords_map, src_coords)
     elif not layout.sharded and not exact_residual:
         # the residual is formed after the exchange (apply.newton_move) and its norm derived
         # as ‖u‖² − ‖Vᵀu‖². When g and u are the two rows of one (2, D) buffer, both
@@ -69,8 +68,6 @@ def build_report(
             coords = project(basis, grad)
             src_coords = coords if source is None else project(basis, source)
         residual = None
-        if coords_map is not None:
-            coords, src_coords = _mapped(coords_map, coords), _mapped(coords_map, src_coords)
     else:
         if coords_map is not None:
             raise ValueError("coords_map is for a replicated basis without the exact residual")
@@ -78,25 +75,30 @@ def build_report(
         src_coords = coords if source is None else layout.project(basis, source)
         src = layout.rows(grad if source is None else source)
         residual = src.to(basis.dtype) - basis @ src_coords
-    drift_coords = None
-    if drift is not None:
-        drift_coords = layout.project(basis, drift)
-        drift_coords = (drift_coords if coords_map is None else _mapped(coords_map, drift_coords)).detach().to(
-            "cpu", torch.float64)
+    drift_coords = None if drift is None else layout.project(basis, drift)
+    # every d-sized result on the device reaches the host in one copy (one synchronisation):
+    # the projections, the norms, and what the previous step's apply pass left there
+    h_coords, h_src, h_sq, h_prev, h_dot, h_drift = to_host(
+        coords, None if source is None else src_coords, sqnorms, prev_step_coords, residual_step_dot, drift_coords)
+    if coords_map is not None:  # the basis is V R: (V R)ᵀx = Rᵀ Vᵀx, in d × d on the host
+        wd = work_dtype(basis)  # rounded as the projections themselves are
+        h_coords, h_src, h_drift = (None if x is None else _mapped(coords_map, x).to(wd).double()
+                                    for x in (h_coords, h_src, h_drift))
+        coords = h_coords.to(wd)  # for the lazy apply hop, which works on the host too
     report = Report(
         step=step,
         basis_version=basis_version,
-        grad_coords=coords.detach().to("cpu", torch.float64),
-        grad_sqnorm=layout.sqnorm(grad) if sqnorms is None else float(sqnorms[0]),
-        source_coords=None if source is None else src_coords.detach().to("cpu", torch.float64),
-        source_sqnorm=None if source is None else layout.sqnorm(source) if sqnorms is None else float(sqnorms[1]),
+        grad_coords=h_coords,
+        grad_sqnorm=layout.sqnorm(grad) if h_sq is None else float(h_sq[0]),
+        source_coords=h_src,
+        source_sqnorm=None if source is None else layout.sqnorm(source) if h_sq is None else float(h_sq[1]),
         residual_sqnorm=(
             None if residual is None
             else layout.dot(residual, residual)
         ),
-        residual_step_dot=float(residual_step_dot),
-        prev_step_coords=None if prev_step_coords is None else prev_step_coords.detach().to("cpu", torch.float64),
-        drift_coords=drift_coords,
+        residual_step_dot=float(h_dot),
+        prev_step_coords=h_prev,
+        drift_coords=h_drift,
         worker_grad_coords=worker_grad_coords,
         hyper=dict(hyper),
         settings=dict(settings or {}),
@@ -105,7 +107,8 @@ def build_report(
 
 
 def _mapped(r: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    return (r.T @ coords.to(r.dtype)).to(coords.dtype)
+    """Rᵀ x on the host in float64 (R the pending rotation, kept on the host)."""
+    return r.detach().to("cpu", torch.float64).T @ coords.to("cpu", torch.float64)
 
 
 def write_back(params: list[torch.Tensor], grad: torch.Tensor, has_grad: list[bool]) -> None:
