@@ -81,26 +81,17 @@ def _profile(opt, model, x, y, loss_fn, steps: int, v_read: float, dev: str) -> 
 
 
 def host_syncs(opt, model, x, y, loss_fn, steps: int = 5) -> float:
-    """Synchronising CUDA calls (D2H copies, .item(), ...) per optimizer step, as torch's
-    sync debug mode reports them (warnings), over ``steps`` steady-state steps; the forward
-    and backward outside the count."""
-    import warnings
+    """Synchronising CUDA calls per optimizer step over ``steps`` steady-state steps (forward
+    and backward outside the count)."""
+    from osfn_dist.bench.syncs import host_syncs as count
 
-    count = 0
+    total = 0
     for _ in range(steps):
         loss = loss_fn(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                opt.step()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        count += sum("synchroniz" in str(w.message) for w in caught)
-    return count / steps
+        total += count(opt.step)
+    return total / steps
 
 
 def sync(device: str) -> None:

@@ -144,7 +144,7 @@ def test_cuda_steady_state_step_waits_for_the_device_about_once():
     """kernels='triton', steady state (directions filled, lazy rotations): one host
     synchronisation per step for the report (every d-sized result in one copy), one more on
     re-orthonormalisation steps (VᵀV to the host), as torch's sync debug mode counts them."""
-    import warnings
+    from osfn_dist.bench.syncs import host_syncs
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4)).cuda()
@@ -155,15 +155,8 @@ def test_cuda_steady_state_step_waits_for_the_device_about_once():
         loss = torch.nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                opt.step()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+        synced = host_syncs(opt.step)
         if step >= 48:
-            counts.append(sum("synchroniz" in str(w.message) for w in caught))
+            counts.append(synced)
     assert opt.diagnostics["alive_directions"] == 4
     assert sum(counts) <= len(counts) + len(counts) // 16 + 1, counts

@@ -17,14 +17,21 @@ def _round_store(ptr, x, idx, seed, BF16: tl.constexpr, mask):
     else:
         tl.store(ptr, x, mask=mask)
 
+
+@triton.jit
+def _tile(D, d: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's BLOCK columns of V's (d, D) transpose, the rows padded to DP = 2^k ≥ d,
+    and both masks."""
+    pid = tl.program_id(0)
+    cols = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    rows = tl.arange(0, DP)
+    return pid, cols, cols < D, rows, rows < d
+
+
 @triton.jit
 def project_pair_k(vt, g, u, parts, D, d: tl.constexpr, DP: tl.constexpr, HAS_U: tl.constexpr,
                    BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    cols = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    cm = cols < D
-    rows = tl.arange(0, DP)
-    rm = rows < d
+    pid, cols, cm, rows, rm = _tile(D, d, DP, BLOCK)
     m2 = rm[:, None] & cm[None, :]
     v = tl.load(vt + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)
     gb = tl.load(g + cols, mask=cm, other=0.0)
@@ -42,11 +49,7 @@ def project_pair_k(vt, g, u, parts, D, d: tl.constexpr, DP: tl.constexpr, HAS_U:
 @triton.jit
 def move_update_k(vt, coef, a, u, p, c, move, parts, D, seed, d: tl.constexpr, DP: tl.constexpr,
                   HAS_C: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    cols = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    cm = cols < D
-    rows = tl.arange(0, DP)
-    rm = rows < d
+    pid, cols, cm, rows, rm = _tile(D, d, DP, BLOCK)
     m2 = rm[:, None] & cm[None, :]
     offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
     v = tl.load(vt + offs, mask=m2, other=0.0).to(tl.float32)
@@ -70,11 +73,7 @@ def move_update_k(vt, coef, a, u, p, c, move, parts, D, seed, d: tl.constexpr, D
 @triton.jit
 def right_multiply_k(vt, m, c, r, D, seed, d: tl.constexpr, DP: tl.constexpr, HAS_R: tl.constexpr,
                      BF16: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    cols = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    cm = cols < D
-    rows = tl.arange(0, DP)
-    rm = rows < d
+    pid, cols, cm, rows, rm = _tile(D, d, DP, BLOCK)
     acc = tl.zeros([DP, BLOCK], tl.float32)
     row = vt + cols  # stepped by D (pointer + int32: no overflow of i·D at 1B rows)
     for i in tl.static_range(d):  # new row j = Σ_i m[i, j] · row i
@@ -91,11 +90,7 @@ def right_multiply_k(vt, m, c, r, D, seed, d: tl.constexpr, DP: tl.constexpr, HA
 
 @triton.jit
 def gram_k(vt, parts, D, d: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    cols = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    cm = cols < D
-    rows = tl.arange(0, DP)
-    rm = rows < d
+    pid, cols, cm, rows, rm = _tile(D, d, DP, BLOCK)
     v = tl.load(vt + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=rm[:, None] & cm[None, :],
                 other=0.0).to(tl.float32)
     out = parts + pid.to(tl.int64) * (d * d)
