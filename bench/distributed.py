@@ -76,7 +76,11 @@ VARIANTS = {
     "osfn (DDP), worker noise": ({"name": "osfn", "lr": 1e-3}, {"worker_noise": True}),
     "osfn (gradient_sync)": ({"name": "osfn", "lr": 1e-3}, {"parallel": "gradient_sync"}),
     "osfn s=1": ({"name": "osfn", "lr": 1e-3}, {"staleness": 1}),
-    "osfn shard": ({"name": "osfn", "lr": 1e-3}, {"shard_basis": True}),
+    # V's rows sharded over the workers: under DDP (DDPRows, the one-pass native path on each
+    # rank's rows) or on OSFN's own gradient all-to-all (torch passes)
+    "osfn (DDP), shard_basis": ({"name": "osfn", "lr": 1e-3}, {"shard_basis": True}),
+    "osfn shard (gradient_sync)": ({"name": "osfn", "lr": 1e-3}, {"shard_basis": True, "parallel": "gradient_sync"}),
+    "osfn (DDP), shard_basis, s=1": ({"name": "osfn", "lr": 1e-3}, {"shard_basis": True, "staleness": 1}),
     "osfn (FSDP2)": ({"name": "osfn", "lr": 1e-3}, {"parallel": "fsdp2"}),
     # your own Ray Train loop (osfn_dist/recipes/ray_train_loop.py): DDP's averaged gradients
     # (overlapped with backward) or FSDP2's sharded ones, the same curvature actor

@@ -23,7 +23,7 @@ from .dataflow.exchange import Exchange, InProcessExchange
 from .dataflow.pipeline import PipelinedExchange
 from .dataflow.messages import FIXED_SETTINGS, LIVE_HYPERPARAMETERS
 from .dataflow.curvature import CurvatureService
-from .dataflow.shard import REPLICATED, LocalShards, ShardedBasis, local, param_slices
+from .dataflow.shard import REPLICATED, DDPRows, LocalShards, ShardedBasis, local, param_slices
 
 WORKER_STATE_VERSION = 2
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -193,9 +193,18 @@ class OSFN(Optimizer):
         # Data parallel without DDP: a dataflow.distributed.GradientSync averages gradients
         # itself and gathers each worker's local projection (for noise estimates).
         self.gradient_sync = gradient_sync
-        # shard_basis: each worker keeps only the rows of V for its parameter slice (dataflow.shard)
-        if shard_basis and gradient_sync is None:
-            raise ConfigError("shard_basis=True needs gradient_sync (a torch.distributed process group)")
+        # shard_basis: each worker keeps only the rows of V for its parameter slice
+        # (dataflow.shard): with gradient_sync, OSFN averages the gradients itself; without
+        # it, DDP has (DDPRows), on the default process group
+        self._replicas = None
+        if shard_basis and gradient_sync is None and not self._fsdp:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ConfigError(
+                    "shard_basis=True shards V over the ranks of a torch.distributed process group: initialise "
+                    "one (torchrun, Ray Train, dist.init_process_group) and wrap the model in DDP, or pass "
+                    "gradient_sync=GradientSync()")
         if self._fsdp:  # FSDP2: V keeps the rows of this rank's shards (dataflow.shard.LocalShards)
             if shard_basis or gradient_sync is not None:
                 raise ConfigError(
@@ -203,7 +212,15 @@ class OSFN(Optimizer):
                     "drop shard_basis and gradient_sync")
             self._layout = LocalShards(self._fsdp)
         else:
-            self._layout = ShardedBasis(gradient_sync.group) if shard_basis else REPLICATED
+            if shard_basis and gradient_sync is None:  # under DDP (ZeRO-1 for V)
+                from .dataflow.distributed import GradientSync
+
+                self._layout = DDPRows()
+                # a replica check now and then (step 1, every 100): the ranks move only their
+                # own rows and share them, so replicas that drifted apart must stop the run
+                self._replicas = GradientSync()
+            else:
+                self._layout = ShardedBasis(gradient_sync.group) if shard_basis else REPLICATED
         self._basis: torch.Tensor | None = None
         # a rotation R (d, d) not yet applied to the stored basis: the basis is V R (see _fold)
         self._pending: torch.Tensor | None = None
@@ -412,12 +429,13 @@ class OSFN(Optimizer):
         hyper["step_scale"] = min(1.0, float(g0["lr"]) / ref) if ref > 0 else 1.0
         return hyper
 
-    def _pair_buffer(self, basis: torch.Tensor | None) -> torch.Tensor | None:
+    def _pair_buffer(self, basis: torch.Tensor | None, rows: bool = False) -> torch.Tensor | None:
         """A reusable (2, D) buffer for the flat gradient and the flat subspace source, so both
         are projected in one pass over V (replicated basis only; not part of the state). It
         keeps 2·D floats between steps that used to be allocated and freed within each step
-        (a caching GPU allocator keeps them reserved either way)."""
-        if basis is None or self._layout.sharded:
+        (a caching GPU allocator keeps them reserved either way). ``rows`` (DDPRows' one-pass
+        path): (2, this rank's rows) for the running means of those rows."""
+        if basis is None or (self._layout.sharded and not (rows and self._layout.gradients_averaged)):
             return None
         shape = (2, basis.shape[0])
         buf = self._pair
@@ -433,6 +451,23 @@ class OSFN(Optimizer):
         if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
             buf = self._scratch[name] = torch.empty_like(like)
         return buf
+
+    def _rows_collect_applies(self, params, owners, has_grad, basis) -> bool:
+        """Whether ``_native_collect`` will run (DDPRows' one-pass path rests on it): the
+        momentum source, every parameter with a gradient and a running mean, all contiguous
+        float32 CPU tensors shaped like their parameters. The same on every rank."""
+        if self.param_groups[0]["subspace_source"] != "momentum" or not all(has_grad):
+            return False
+        local_params = [local(p) for p in params]
+        grads = [local(p.grad) for p in params]
+        means = []
+        for p, (base, group) in zip(params, owners):
+            buf, _ = running_mean(base, base.state.get(p, {}), group, self._steps - 1)
+            if buf is None:
+                return False
+            means.append(local(buf))
+        return (native_kernels.usable(basis.T, *local_params, *grads, *means) and native_kernels.params_usable(local_params)
+                and all(g.shape == p.shape and m.shape == p.shape for g, m, p in zip(grads, means, local_params)))
 
     def _native_collect(self, params, owners, has_grad, basis, pair):
         """The collect hop in one native pass from the parameters' own gradients, running
@@ -455,7 +490,15 @@ class OSFN(Optimizer):
         if any(g.shape != p.shape or m.shape != p.shape for g, m, p in zip(grads, means, local_params)):
             return None
         before = self._buffer("before", pair[1])
-        return native_kernels.collect(basis.T, grads, means, local_params, pair[1], before), before
+        layout = self._layout
+        if not layout.gradients_averaged:
+            return native_kernels.collect(basis.T, grads, means, local_params, pair[1], before), before
+        # DDPRows: this rank's rows of each, then the partial sums added over the ranks
+        both, sq = native_kernels.collect(basis.T, layout.row_views(grads), layout.row_views(means),
+                                          layout.row_views(local_params), pair[1], before)
+        d = both.shape[1]
+        total = layout.allreduce(torch.cat([both.reshape(-1), sq]))
+        return (total[: 2 * d].view(2, d), total[2 * d:]), before
 
     def _running_mean_source(self, params, owners, has_grad, dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """The subspace source read from the base's state before it steps (m_{t−1}).
@@ -608,6 +651,12 @@ class OSFN(Optimizer):
     def _sync(self, params):
         """(has_grad, curvature_step, flat averaged gradient or None, workers' projections or None)."""
         has_grad = [p.grad is not None for p in params]
+        if self._replicas is not None:  # DDPRows: the ranks' shared decisions rest on the same facts
+            self._replicas.check_replicas(params, self._steps + 1)
+            has_grad = self._replicas.any_rank(has_grad)
+            for p, ok in zip(params, has_grad):
+                if ok and p.grad is None:
+                    p.grad = torch.zeros_like(p)
         if self.gradient_sync is not None:
             self.gradient_sync.check_replicas(params, self._steps + 1)
             # every decision below must be common to all ranks: a parameter with a gradient on
@@ -686,8 +735,13 @@ class OSFN(Optimizer):
         # projections are mapped by R in _sync)
         compiled = self.param_groups[0]["kernels"] == "compiled"
         native = self._one_pass_kind()
-        lazy = (not exact and not measure and not compiled and not layout.sharded and self.gradient_sync is None
+        lazy = (not exact and not measure and not compiled and self.gradient_sync is None
                 and float(hyper["complement_in_subspace"]) == 1.0)
+        if layout.gradients_averaged:  # DDPRows: the native one-pass path on this rank's rows, or the torch path
+            lazy = (lazy and native is True and self._anchor is None and not self._preconditioned
+                    and self._rows_collect_applies(params, owners, has_grad, basis))
+        elif layout.sharded:
+            lazy = False
         if basis.dtype == torch.bfloat16 and not (lazy and _one_pass_covers(native, basis, params)):
             return self._widened_step(params, has_grad, hyper, grad, worker_coords, check_finite)
         if not lazy:
@@ -700,7 +754,7 @@ class OSFN(Optimizer):
                 self._complement_only_step(params)
             return
         with _phase("osfn.collect"):  # flatten, project g and the source in one pass over V
-            pair = self._pair_buffer(basis)
+            pair = self._pair_buffer(basis, rows=lazy)
             from_displacement = self._displacement_is_source()
             projected = None  # one native pass from the parameters' own buffers, where it applies
             if grad is None and lazy and native is True and sigma is None and not from_displacement:
@@ -751,6 +805,8 @@ class OSFN(Optimizer):
             # the native pass can measure p = θ_before − θ and add the move into the parameters
             # itself (no flat displacement, move or scatter): the lazy path in θ coordinates
             local_params = [local(p) for p in params]
+            if layout.gradients_averaged and lazy:  # DDPRows: this rank moves its rows of θ
+                local_params = layout.row_views(local_params)
             into = (lazy and keep == 1.0 and sigma is None and not from_displacement and native is True
                     and native_kernels.params_usable(local_params) and native_kernels.usable(basis.T, before, source))
             if into:
@@ -768,8 +824,10 @@ class OSFN(Optimizer):
             if into:  # p, the move into θ, Vᵀp, rᵀΔθ and V ← V + r cᵀ: one read and one write of V and θ
                 _, step_coords, self._residual_step_dot, self._basis, self._pending, sq_norms = move_and_update(
                     basis, None, update.step_coef, update, source, source_coords, pending=self._pending, lazy=lazy,
-                    native=True, into=(before, local_params))
+                    native=True, into=(before, local_params), layout=layout)
                 self._prev_step_coords = step_coords
+                if layout.gradients_averaged:
+                    layout.share_rows_(params)
             elif fused:  # the move, Vᵀp, rᵀΔθ and V ← V A + r cᵀ in one read and one write of V
                 move, step_coords, self._residual_step_dot, self._basis, self._pending, sq_norms = move_and_update(
                     basis, disp_z, update.step_coef, update, source, source_coords, pending=self._pending, lazy=lazy,

@@ -132,7 +132,48 @@ def _ddp_phase(rank, world, steps=STEPS):
     ddp = DistributedDataParallel(model)
     opt = OSFN(ddp.parameters(), exchange=LeaderExchange(_service_exchange(0) if rank == 0 else None), **HYPER)
     _train_my_half(workload, ddp, opt, rank, world, 0, steps)
-    return _flat(model)
+    return _flat(model), opt.basis.clone()
+
+
+def _ddp_rows_phase(rank, world, steps=STEPS, resume_at=None):
+    """DDP with ``shard_basis=True`` (no GradientSync): V's rows sharded over the ranks
+    (DDPRows), the one-pass native path on each rank's rows. Returns the parameters, this
+    rank's rows, its layout, how many steps shared θ's rows (the one-pass path ran) and
+    how many steps ran."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from osfn_dist.dataflow.distributed import LeaderExchange
+
+    workload = get_workload("tiny_mlp", seed=0)
+    model = workload.build_model()
+    ddp = DistributedDataParallel(model)
+    shared = [0]
+
+    def make_opt():
+        opt = OSFN(ddp.parameters(), exchange=LeaderExchange(_service_exchange(0) if rank == 0 else None),
+                   shard_basis=True, **HYPER)
+        share = opt._layout.share_rows_
+
+        def counted(params):  # a spy on the real method: which path the steps took
+            shared[0] += 1
+            return share(params)
+        opt._layout.share_rows_ = counted
+        return opt
+
+    opt = make_opt()
+    if resume_at is None:
+        _train_my_half(workload, ddp, opt, rank, world, 0, steps)
+    else:
+        _train_my_half(workload, ddp, opt, rank, world, 0, resume_at)
+        saved = opt.state_dict()
+        leader = opt.exchange.inner
+        service = leader.state_dict() if leader is not None else None
+        opt = make_opt()
+        opt.load_state_dict(saved)
+        if opt.exchange.inner is not None:
+            opt.exchange.inner.load_state_dict(service)
+        _train_my_half(workload, ddp, opt, rank, world, resume_at, steps)
+    return _flat(model), opt.basis.clone(), opt.state_dict()["osfn"]["basis_layout"], shared[0], steps
 
 
 def _noise_phase(rank, world, mode, steps=30):
@@ -371,7 +412,9 @@ def _worker(rank, world, port, out_dir):
             out[name] = _run_phase(rank, world, staleness, shard)
         out["sharded_resumed"] = _run_phase(rank, world, 0, True, resume_at=RESUME_AT)
         out["tsqr"] = _tsqr_phase()
-        out["ddp"] = _ddp_phase(rank, world)
+        out["ddp"], out["ddp_basis"] = _ddp_phase(rank, world)
+        out["ddp_rows"] = _ddp_rows_phase(rank, world)
+        out["ddp_rows_resumed"] = _ddp_rows_phase(rank, world, resume_at=RESUME_AT)
         out["unused"] = _unused_on_one_rank_phase(rank, world)
         out["scaler"] = _grad_scaler_phase(rank, world)
         out["fsdp2"] = _fsdp2_phase(rank, world, out_dir)
@@ -488,6 +531,26 @@ def test_osfn_on_ddp_averaged_gradients_matches_single_process(two_workers, sing
     the whole batch after 50 steps, replicas in lock-step."""
     assert _rel(two_workers[0]["ddp"], single[0]) < 1e-5
     assert torch.equal(two_workers[0]["ddp"], two_workers[1]["ddp"])
+
+
+def test_basis_sharded_under_ddp_equals_replicated_and_runs_the_one_pass_path(two_workers):
+    """shard_basis=True under DDP (ZeRO-1 for V): each rank keeps half of V's rows, runs the
+    native one-pass steps on them (θ's rows shared after each), and the run equals the
+    replicated DDP run: parameters to 1e-5 after 50 steps, V's rows to 1e-4; replicas in
+    lock-step; a state_dict round trip at step 25 continues the same trajectory."""
+    ref_params, ref_basis = two_workers[0]["ddp"], two_workers[0]["ddp_basis"]
+    sizes = []
+    for rank in range(2):
+        params, rows, layout, shared, steps = two_workers[rank]["ddp_rows"]
+        assert layout["kind"] == "sharded" and layout["world"] == 2
+        assert rows.shape[0] == layout["hi"] - layout["lo"] < ref_basis.shape[0]
+        sizes.append(rows.shape[0])
+        assert steps - 10 <= shared < steps  # the one-pass path once the directions are filled
+        assert _rel(params, ref_params) < 1e-5
+        torch.testing.assert_close(rows, ref_basis[layout["lo"] : layout["hi"]], rtol=1e-4, atol=1e-5)
+    assert sum(sizes) == ref_basis.shape[0]
+    assert torch.equal(two_workers[0]["ddp_rows"][0], two_workers[1]["ddp_rows"][0])
+    assert _rel(two_workers[0]["ddp_rows_resumed"][0], two_workers[0]["ddp_rows"][0]) < 1e-6
 
 
 def test_a_parameter_with_a_gradient_on_one_rank_moves_alike_on_every_rank(two_workers):

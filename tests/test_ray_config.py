@@ -27,9 +27,10 @@ def test_no_flags_means_ray_with_two_cpu_workers():
 
 def test_parallel_mode_follows_the_flags():
     assert command.config_from_args(_args("--parallel", "fsdp2")).parallel_mode() == "fsdp2"
-    assert command.config_from_args(_args("--shard-basis")).parallel_mode() == "gradient_sync"
-    with pytest.raises(ConfigError, match="shard_basis needs parallel='gradient_sync'"):
-        command.config_from_args(_args("--shard-basis", "--parallel", "ddp"))
+    assert command.config_from_args(_args("--shard-basis")).parallel_mode() == "ddp"  # V's rows sharded under DDP
+    assert command.config_from_args(_args("--shard-basis", "--parallel", "gradient_sync")).parallel_mode() == "gradient_sync"
+    with pytest.raises(ConfigError, match="shard_basis needs parallel='ddp' or 'gradient_sync'"):
+        command.config_from_args(_args("--shard-basis", "--parallel", "fsdp2"))
     assert command.config_from_args(_args("--worker-noise")).worker_noise
     assert not command.config_from_args(_args()).worker_noise  # the DDP hook is opt-in
     with pytest.raises(ConfigError, match="worker_noise is for parallel='ddp'"):

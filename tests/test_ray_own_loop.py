@@ -51,7 +51,7 @@ def test_own_train_func_with_ddp_and_the_curvature_actor_matches_one_process(ray
     assert float((ours - ref).norm() / ref.norm()) < 1e-5
 
 
-def _recipe_run(tmp_path, name: str, parallel: str, hook=None):
+def _recipe_run(tmp_path, name: str, parallel: str, hook=None, shard: bool = False):
     """The recipe with DDP or FSDP2 on 2 workers and its own curvature actor; returns the
     final checkpoint's parameters (FSDP2: full tensors read from the ranks' DCP files in one
     process) and the actor's snapshot."""
@@ -66,7 +66,8 @@ def _recipe_run(tmp_path, name: str, parallel: str, hook=None):
     from osfn_dist.workloads import get_workload
 
     actor = create_curvature_actor(OSFNConfig(**HYPER), name=name)
-    config = {"actor": name, "hyper": HYPER, "steps": STEPS, "parallel": parallel, "checkpoint_every": 10}
+    hyper = {**HYPER, "shard_basis": True} if shard else HYPER
+    config = {"actor": name, "hyper": hyper, "steps": STEPS, "parallel": parallel, "checkpoint_every": 10}
     if hook is not None:
         config["step_hook"] = hook
     try:
@@ -83,23 +84,31 @@ def _recipe_run(tmp_path, name: str, parallel: str, hook=None):
         dcp.load(state, checkpoint_id=result.checkpoint.path)  # the ranks' shards, gathered by Ray Train
         values = state["model"].values()
     else:
-        values = torch.load(f"{result.checkpoint.path}/state.pt", map_location="cpu", weights_only=False)["model"].values()
+        state = torch.load(f"{result.checkpoint.path}/state.pt", map_location="cpu", weights_only=False)
+        values = state["model"].values()
+        if shard:  # every rank's rows of V in its own file, none in state.pt
+            assert state["optimizer"] is None
+            rows = [torch.load(f"{result.checkpoint.path}/optimizer-rank{r}.pt", weights_only=False)["osfn"]
+                    for r in range(2)]
+            assert [r["basis_layout"]["rank"] for r in rows] == [0, 1]
     return torch.cat([v.reshape(-1) for v in values]), snap
 
 
-@pytest.mark.parametrize("parallel", ["fsdp2", "ddp"])
+@pytest.mark.parametrize("parallel", ["fsdp2", "ddp", "ddp+shard_basis"])
 def test_own_loop_resumes_bit_for_bit_after_a_worker_is_killed(ray_session, tmp_path, parallel):
     """DDP or FSDP2 + the curvature actor in your own loop: rank 1 SIGKILLed at step 15, Ray
     Train restarts the group, train_func restores model, optimizer (V, or its shards) and the
     actor from the step-10 checkpoint, and the run ends bit for bit where an uninterrupted
-    one does."""
+    one does. ``ddp+shard_basis``: V's rows sharded under DDP, each rank's in its own file."""
     from support.faults import KillOnce, ship_by_value
 
     ship_by_value()
-    straight, straight_actor = _recipe_run(tmp_path / "straight", f"own-{parallel}-straight", parallel)
+    shard = parallel.endswith("+shard_basis")
+    mode, tag = parallel.split("+")[0], parallel.replace("+", "-").replace("_", "-")
+    straight, straight_actor = _recipe_run(tmp_path / "straight", f"own-{tag}-straight", mode, shard=shard)
     marker = tmp_path / "killed"
-    killed, killed_actor = _recipe_run(tmp_path / "killed-run", f"own-{parallel}-killed", parallel,
-                                       KillOnce("worker", rank=1, step=15, marker=str(marker), delay_s=2.5))
+    killed, killed_actor = _recipe_run(tmp_path / "killed-run", f"own-{tag}-killed", mode,
+                                       KillOnce("worker", rank=1, step=15, marker=str(marker), delay_s=2.5), shard=shard)
     assert marker.exists()
     assert straight_actor["step"] == killed_actor["step"] == STEPS
     assert straight_actor["restored_from_step"] is None  # never restored ...

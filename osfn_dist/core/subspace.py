@@ -246,15 +246,19 @@ def cholesky_qr2(basis: torch.Tensor, alive: torch.Tensor | None = None, allredu
 LAZY_MAX_COND = 1.01
 
 
-def orthonormalizing_factor(basis: torch.Tensor, right: torch.Tensor, native: bool = False) -> torch.Tensor | None:
+def orthonormalizing_factor(basis: torch.Tensor, right: torch.Tensor, native: bool = False,
+                            allreduce=None) -> torch.Tensor | None:
     """P (d, d) with V P orthonormal, for a basis V R that is nearly so: CholeskyQR2 of V R
     done in d × d from one Gram matrix VᵀV — one read of V, no write (the eager route,
     V ← V R and two CholeskyQR passes, reads V five times and writes it three). The lazy path
     keeps P as its pending rotation. None when VᵀV is not positive definite or P's
-    condition number exceeds ``LAZY_MAX_COND`` (then apply R and use ``cholesky_qr2``)."""
+    condition number exceeds ``LAZY_MAX_COND`` (then apply R and use ``cholesky_qr2``).
+    ``allreduce``: V's rows are spread over workers; the Gram matrix is summed over them."""
     vt = as_basis_layout(basis).T
     passes = one_pass(native, vt)
     gram = passes.gram(vt) if passes is not None else vt @ vt.T
+    if allreduce is not None:
+        gram = allreduce(gram.double().contiguous())
     gram = gram.to("cpu", torch.float64)  # d × d work on the host: one copy, not a sync per check below
     p = right.to("cpu", torch.float64)
     eye = torch.eye(p.shape[0], dtype=torch.float64)

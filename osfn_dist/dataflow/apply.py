@@ -52,7 +52,7 @@ def newton_move(
 def move_and_update(
     basis: torch.Tensor, disp: torch.Tensor, step_coef: torch.Tensor, update: DirectionUpdate,
     source: torch.Tensor, source_coords: torch.Tensor, pending: torch.Tensor | None = None, lazy: bool = False,
-    native: bool = False, out: torch.Tensor | None = None, into: tuple | None = None,
+    native: bool = False, out: torch.Tensor | None = None, into: tuple | None = None, layout=REPLICATED,
 ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor | None]:
     """``newton_move`` and ``update_basis`` in one read and one write of V, for a replicated
     basis whose residual was left to this hop and π = 1 (the base keeps its whole step, so
@@ -67,7 +67,9 @@ def move_and_update(
     loops of ``core.native`` where they apply (float32 on the CPU). ``out``: a (D,) tensor
     for the move. ``into`` = (θ before the base stepped (D,), the parameters), native and
     lazy only, ``disp`` None: the pass measures p = before − θ and adds the move into the
-    parameters itself; the move returned is None.
+    parameters itself; the move returned is None. ``layout`` ``DDPRows`` (lazy only): ``basis``,
+    ``source``, ``before`` and the parameters are this rank's rows; Vᵀp and the sums are
+    all-reduced here (d + 3 floats), the Gram matrix of a re-orthonormalisation too (d²).
 
     Returns (the move V s, VᵀΔθ = s − Vᵀp, rᵀΔθ for the step Δθ = move − p (a 0-d tensor on
     V's device), the updated stored basis, the pending R after the step (on the host),
@@ -92,14 +94,18 @@ def move_and_update(
     stored_coef = None if update.residual_coef is None else torch.linalg.solve(ra.T, host(update.residual_coef))
     move, q_stored, sums = move_and_update_(basis, (r @ s).to(dtype), (r @ a).to(dtype),
                                            source, disp, None, stored_coef, native=native, out=out, into=into)
+    if layout.sharded:  # this rank's rows' part of Vᵀp and of the sums: add them over the ranks
+        d = q_stored.numel()
+        total = layout.allreduce(torch.cat([q_stored.double(), sums.double()]))
+        q_stored, sums = total[:d].to(q_stored.dtype), total[d:].to(sums.dtype)
     r_t, s_dev = to_device(q_stored.device, r.T.contiguous(), s, dtype=torch.float64)
     step_coords = s_dev.to(dtype) - (r_t @ q_stored.double()).to(dtype)  # s − (V R)ᵀp
     if update.reorthonormalize:  # in d × d from VᵀV while R stays near orthogonal; else apply R first
-        factor = orthonormalizing_factor(basis, ra, native=native)
+        factor = orthonormalizing_factor(basis, ra, native=native, allreduce=layout.allreduce)
         if factor is not None:
             return move, step_coords, sums[0], basis, factor, sums[1:]
         right_multiply_(basis, ra, native=native)
-        return move, step_coords, sums[0], _reorthonormalize(basis, update, REPLICATED, native), None, sums[1:]
+        return move, step_coords, sums[0], _reorthonormalize(basis, update, layout, native), None, sums[1:]
     return move, step_coords, sums[0], basis, ra, sums[1:]
 
 

@@ -35,6 +35,7 @@ class ReplicatedBasis:
     """Every worker holds all D rows of V (the default)."""
 
     sharded = False
+    gradients_averaged = False  # (DDPRows: sharded rows, gradients averaged by DDP)
 
     def bind(self, total: int) -> int:
         """Rows of V this worker holds for a model with ``total`` parameters."""
@@ -94,6 +95,7 @@ class ShardedBasis:
     """This rank holds rows [lo, hi) of V; D is split into nearly equal contiguous slices."""
 
     sharded = True
+    gradients_averaged = False  # OSFN's GradientSync averages them (sync_gradient)
 
     def __init__(self, group=None):
         if not dist.is_available() or not dist.is_initialized():
@@ -199,6 +201,55 @@ class ShardedBasis:
         mean = slices.sum(0).div_(self.world)
         grad.copy_(self._all_gather_rows(mean.to(grad.device)))
         return coords.detach().to("cpu", torch.float64)
+
+
+class DDPRows(ShardedBasis):
+    """V's rows sharded under DDP (ZeRO-1 for the basis): DDP has averaged the gradients and
+    every rank holds all of θ and runs the base optimizer on all of it, as without OSFN; V
+    keeps only rows [lo, hi) of this rank's contiguous slice, so it costs d·D/N per rank and
+    every pass over V reads 1/N of it. The one-pass native path then works on this rank's
+    rows of the parameters, gradients and running means (``row_views``) and all-reduces its
+    d-sized sums (2d + 2 floats after the collect, d + 3 after the move, d² on a
+    re-orthonormalisation); each rank moves only its own rows of θ, and ``share_rows_``
+    all-gathers them (D floats) so the replicas stay identical. No gradient all-to-all:
+    the per-worker projections (noise damping's spread between workers) are not gathered,
+    as with plain DDP."""
+
+    gradients_averaged = True
+
+    def row_views(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's rows of one tensor per parameter (shaped like it, in the flat order):
+        a flat view of each part that overlaps [lo, hi), empty parts left out."""
+        out, offset = [], 0
+        for t in tensors:
+            n = t.numel()
+            a, b = max(self.lo, offset), min(self.hi, offset + n)
+            if a < b:
+                out.append(t.reshape(-1)[a - offset : b - offset])
+            offset += n
+        return out
+
+    def share_rows_(self, params: list[torch.Tensor]) -> None:
+        """Every rank's rows of θ (each rank moved only its own) to every rank: one all-gather
+        of D floats, written back into the parameters outside this rank's rows."""
+        params = [local(p) for p in params]
+        if not params:
+            return
+        mine = torch.cat([v.reshape(-1) for v in self.row_views([p.detach() for p in params])]) \
+            if self.hi > self.lo else params[0].new_zeros(0)
+        full = self._all_gather_rows(mine.to(params[0].dtype))
+        with torch.no_grad():
+            offset = 0
+            for p in params:
+                n = p.numel()
+                a, b = max(self.lo, offset), min(self.hi, offset + n)
+                flat = p.view(-1)
+                if a >= b:  # none of p is mine
+                    flat.copy_(full[offset : offset + n])
+                else:  # the parts before and after my rows
+                    flat[: a - offset].copy_(full[offset:a])
+                    flat[b - offset :].copy_(full[b : offset + n])
+                offset += n
 
 
 class LocalShards(ShardedBasis):

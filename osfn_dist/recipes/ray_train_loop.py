@@ -49,6 +49,7 @@ import torch
 
 META = "meta.pt"  # step and the actor's state (rank 0)
 STATE = "state.pt"  # DDP: model and optimizer (rank 0)
+SHARD = "optimizer-rank{rank}.pt"  # shard_basis: each rank's optimizer state (its rows of V)
 
 
 def shard_every_linear(model: torch.nn.Module, mesh) -> torch.nn.Module:
@@ -84,7 +85,8 @@ def parallelize(model: torch.nn.Module, parallel: str, world: int) -> torch.nn.M
 
 def osfn_for(model: torch.nn.Module, parallel: str, exchange, worker_noise: bool = False, **hyper):
     """OSFN over ``model`` as ``parallelize`` left it; with ``"gradient_sync"`` OSFN averages
-    the gradients itself (``shard_basis=True`` is allowed only there).
+    the gradients itself. ``shard_basis=True`` (``"ddp"`` or ``"gradient_sync"``): each rank
+    keeps only its slice's rows of V (``dataflow.shard``); its optimizer state is then per rank.
 
     ``worker_noise`` (DDP, noise damping on): a DDP communication hook also gives the service
     every worker's own projection (``watch_ddp``), so that the per-direction noise estimate
@@ -111,15 +113,25 @@ def osfn_for(model: torch.nn.Module, parallel: str, exchange, worker_noise: bool
     return opt
 
 
+def _sharded_rows(opt) -> bool:
+    """shard_basis: this rank's optimizer state holds only its rows of V."""
+    layout = getattr(opt, "_layout", None)
+    return bool(layout is not None and layout.sharded and not layout.describe().get("kind") == "fsdp")
+
+
 def _save(directory: str, model, opt, parallel: str, rank: int, step: int, actor) -> None:
     import ray
 
     from .. import checkpoint
 
+    sharded = _sharded_rows(opt)
     if parallel == "fsdp2":
         checkpoint.save(directory, model, opt)  # every rank writes its own shards
     elif rank == 0:
-        torch.save({"model": model.module.state_dict(), "optimizer": opt.state_dict()}, os.path.join(directory, STATE))
+        torch.save({"model": model.module.state_dict(), "optimizer": None if sharded else opt.state_dict()},
+                   os.path.join(directory, STATE))
+    if sharded:  # shard_basis: every rank's rows of V in its own file
+        torch.save(opt.state_dict(), os.path.join(directory, SHARD.format(rank=rank)))
     if rank == 0:
         torch.save({"step": step, "actor": ray.get(actor.state_dict.remote(), timeout=60)}, os.path.join(directory, META))
 
@@ -135,7 +147,22 @@ def _restore(directory: str, model, opt, parallel: str, rank: int, actor) -> int
     else:
         state = torch.load(os.path.join(directory, STATE), map_location="cpu", weights_only=False)
         model.module.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        if _sharded_rows(opt):
+            mine = os.path.join(directory, SHARD.format(rank=rank))
+            if not os.path.exists(mine):
+                from ..core.errors import DimensionMismatchError
+
+                raise DimensionMismatchError(
+                    f"checkpoint {directory!r} has no basis rows for rank {rank} ({os.path.basename(mine)}): it was "
+                    "written without shard_basis or by fewer workers; resume with the same setting and world size")
+            opt.load_state_dict(torch.load(mine, map_location="cpu", weights_only=False))
+        else:
+            if state["optimizer"] is None:
+                from ..core.errors import DimensionMismatchError
+
+                raise DimensionMismatchError(f"checkpoint {directory!r} holds a sharded basis (per-rank files): "
+                                             "resume with shard_basis=True and the same world size")
+            opt.load_state_dict(state["optimizer"])
     meta = torch.load(os.path.join(directory, META), weights_only=False)
     if rank == 0:
         ray.get(actor.load_state_dict.remote(meta["actor"]), timeout=60)
@@ -187,7 +214,7 @@ def train_func(config: dict) -> None:
             with tempfile.TemporaryDirectory() as d:
                 _save(d, model, opt, parallel, rank, step, actor)
                 # FSDP2: every rank reports its shard files; DDP: rank 0 holds the whole state
-                has_files = parallel == "fsdp2" or rank == 0
+                has_files = parallel == "fsdp2" or rank == 0 or _sharded_rows(opt)
                 checkpoint = ray.train.Checkpoint.from_directory(d) if has_files else None
                 ray.train.report({"step": step, "loss": float(loss.detach()), "step_ms_median": statistics.median(step_ms),
                                   "optimizer_state_bytes": optimizer_state_bytes(opt)}, checkpoint=checkpoint)

@@ -48,12 +48,13 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--shard-basis", action="store_true", default=None,
-        help="shard the subspace basis across workers (each keeps its slice's rows)",
+        help="shard the subspace basis across workers: each keeps its slice's rows of V (1/N of its memory and "
+             "of every pass over it), with --parallel ddp (default) or gradient_sync",
     )
     p.add_argument(
         "--parallel", choices=PARALLEL,
         help="how OSFN's workers share gradients: ddp (default; averaged overlapped with backward), "
-             "fsdp2 (parameters and V sharded), gradient_sync (OSFN's own all-reduce; needed by --shard-basis)",
+             "fsdp2 (parameters and V sharded), gradient_sync (OSFN's own all-reduce, every worker's projection gathered)",
     )
     p.add_argument(
         "--worker-noise", action="store_true", default=None,

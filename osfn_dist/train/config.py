@@ -13,9 +13,10 @@ PARALLEL = ("ddp", "fsdp2", "gradient_sync")
 
 
 def check_parallel(parallel: str | None, shard_basis: bool) -> None:
-    """A sharded basis exists only on OSFN's own GradientSync path."""
-    if shard_basis and parallel not in (None, "gradient_sync"):
-        raise ConfigError(f"shard_basis needs parallel='gradient_sync' (this run has {parallel!r}); "
+    """A sharded basis by rows exists under DDP (DDPRows) and on OSFN's own GradientSync path;
+    FSDP2 shards V with the parameters already."""
+    if shard_basis and parallel not in (None, "ddp", "gradient_sync"):
+        raise ConfigError(f"shard_basis needs parallel='ddp' or 'gradient_sync' (this run has {parallel!r}); "
                           "parallel='fsdp2' shards V with the parameters instead")
 
 
@@ -76,7 +77,8 @@ class TrainConfig:
     shard_basis: bool = False  # each worker keeps the basis rows of its parameter slice (ZeRO-style)
     # how OSFN's workers are data parallel: "ddp" (DDP averages overlapped with backward),
     # "fsdp2" (fully_shard: parameters and V sharded), "gradient_sync" (OSFN's own all-reduce
-    # after backward; the only one for shard_basis). None: gradient_sync with shard_basis, else ddp
+    # after backward; gathers every worker's projection). shard_basis works with ddp and
+    # gradient_sync. None: ddp
     parallel: str | None = None
     # parallel="ddp": every worker's own projection reaches the service (the noise estimate
     # from the spread between workers; costs a DDP hook and one all-gather per step)
@@ -137,7 +139,7 @@ class TrainConfig:
             self.osfn_config()  # raises ConfigError naming the field
 
     def parallel_mode(self) -> str:
-        return self.parallel or ("gradient_sync" if self.shard_basis else "ddp")
+        return self.parallel or "ddp"
 
     def optimizer_kwargs(self) -> dict:
         return {k: (tuple(v) if k == "betas" else v) for k, v in self.optimizer.items() if k != "name"}
