@@ -371,17 +371,19 @@ class OSFN(Optimizer):
         return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
     def _check_basis_dtype(self, gradient_sync, shard_basis) -> None:
-        """basis_dtype='bfloat16' is for the one-pass native steps (replicated basis, parameter
-        coordinates, the native kernels): refuse what would widen V on every step instead."""
+        """basis_dtype='bfloat16' is for the one-pass native steps (a replicated basis or its rows
+        sharded under DDP, parameter coordinates, the native kernels): refuse what would widen V
+        on every step instead (shard_basis with gradient_sync is refused as gradient_sync)."""
         if self.config.basis_dtype != "bfloat16":
             return
         clash = [name for name, on in (
             ("kernels=" + repr(self.config.kernels), self.config.kernels not in ("auto", "triton")),
             ("coordinates='preconditioned'", self._preconditioned),
-            ("gradient_sync", gradient_sync is not None), ("shard_basis", shard_basis),
+            ("gradient_sync", gradient_sync is not None),
             ("FSDP2 parameters", bool(self._fsdp))) if on]
         if clash:
-            raise ConfigError(f"basis_dtype='bfloat16' is for a replicated basis in parameter coordinates with the "
+            raise ConfigError(f"basis_dtype='bfloat16' is for a basis in parameter coordinates (replicated, or its rows "
+                              f"sharded under DDP) with the "
                               f"one-pass kernels (kernels='auto' or 'triton'); not with {', '.join(clash)}. Use "
                               "basis_dtype='auto' (float32)")
 
