@@ -454,30 +454,12 @@ class OSFN(Optimizer):
             buf = self._scratch[name] = torch.empty_like(like)
         return buf
 
-    def _rows_collect_applies(self, params, owners, has_grad, basis) -> bool:
-        """Whether ``_native_collect`` will run (DDPRows' one-pass path rests on it): the
-        momentum source, every parameter with a gradient and a running mean, all contiguous
-        float32 CPU tensors shaped like their parameters. The same on every rank."""
+    def _collect_buffers(self, params, owners, has_grad, basis):
+        """(θ, gradients, running means), one tensor per parameter, for the native collect
+        pass; None where it does not apply: the momentum source only, every parameter with a
+        gradient and a running mean, all contiguous float32 CPU tensors shaped like their
+        parameters. The same answer on every rank (DDPRows' one-pass path rests on it)."""
         if self.param_groups[0]["subspace_source"] != "momentum" or not all(has_grad):
-            return False
-        local_params = [local(p) for p in params]
-        grads = [local(p.grad) for p in params]
-        means = []
-        for p, (base, group) in zip(params, owners):
-            buf, _ = running_mean(base, base.state.get(p, {}), group, self._steps - 1)
-            if buf is None:
-                return False
-            means.append(local(buf))
-        return (native_kernels.usable(basis.T, *local_params, *grads, *means) and native_kernels.params_usable(local_params)
-                and all(g.shape == p.shape and m.shape == p.shape for g, m, p in zip(grads, means, local_params)))
-
-    def _native_collect(self, params, owners, has_grad, basis, pair):
-        """The collect hop in one native pass from the parameters' own gradients, running
-        means and values (``core.native.collect``): the source into pair[1], θ into the
-        "before" buffer; returns (the projections with their norms, that buffer). None where
-        it does not apply (the momentum source only; every parameter with a gradient and a
-        running mean, all contiguous float32 CPU tensors): the caller then flattens and projects."""
-        if pair is None or self.param_groups[0]["subspace_source"] != "momentum" or not all(has_grad):
             return None
         local_params = [local(p) for p in params]
         grads = [local(p.grad) for p in params]
@@ -487,10 +469,22 @@ class OSFN(Optimizer):
             if buf is None:
                 return None
             means.append(local(buf))
-        if not native_kernels.usable(basis.T, pair, *local_params, *grads, *means):
+        ok = (native_kernels.usable(basis.T, *local_params, *grads, *means) and native_kernels.params_usable(local_params)
+              and all(g.shape == p.shape and m.shape == p.shape for g, m, p in zip(grads, means, local_params)))
+        return (local_params, grads, means) if ok else None
+
+    def _rows_collect_applies(self, params, owners, has_grad, basis) -> bool:
+        return self._collect_buffers(params, owners, has_grad, basis) is not None
+
+    def _native_collect(self, params, owners, has_grad, basis, pair):
+        """The collect hop in one native pass from the parameters' own gradients, running
+        means and values (``core.native.collect``): the source into pair[1], θ into the
+        "before" buffer; returns (the projections with their norms, that buffer). None where
+        it does not apply (``_collect_buffers``): the caller then flattens and projects."""
+        buffers = None if pair is None else self._collect_buffers(params, owners, has_grad, basis)
+        if buffers is None or not native_kernels.usable(basis.T, pair):
             return None
-        if any(g.shape != p.shape or m.shape != p.shape for g, m, p in zip(grads, means, local_params)):
-            return None
+        local_params, grads, means = buffers
         before = self._buffer("before", pair[1])
         layout = self._layout
         if not layout.gradients_averaged:
