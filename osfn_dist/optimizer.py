@@ -473,15 +473,14 @@ class OSFN(Optimizer):
               and all(g.shape == p.shape and m.shape == p.shape for g, m, p in zip(grads, means, local_params)))
         return (local_params, grads, means) if ok else None
 
-    def _rows_collect_applies(self, params, owners, has_grad, basis) -> bool:
-        return self._collect_buffers(params, owners, has_grad, basis) is not None
-
-    def _native_collect(self, params, owners, has_grad, basis, pair):
+    def _native_collect(self, params, owners, has_grad, basis, pair, buffers=None):
         """The collect hop in one native pass from the parameters' own gradients, running
         means and values (``core.native.collect``): the source into pair[1], θ into the
         "before" buffer; returns (the projections with their norms, that buffer). None where
-        it does not apply (``_collect_buffers``): the caller then flattens and projects."""
-        buffers = None if pair is None else self._collect_buffers(params, owners, has_grad, basis)
+        it does not apply (``_collect_buffers``, or ``buffers`` as it returned them): the
+        caller then flattens and projects."""
+        if buffers is None and pair is not None:
+            buffers = self._collect_buffers(params, owners, has_grad, basis)
         if buffers is None or not native_kernels.usable(basis.T, pair):
             return None
         local_params, grads, means = buffers
@@ -647,18 +646,14 @@ class OSFN(Optimizer):
     def _sync(self, params):
         """(has_grad, curvature_step, flat averaged gradient or None, workers' projections or None)."""
         has_grad = [p.grad is not None for p in params]
-        if self._replicas is not None:  # DDPRows: the ranks' shared decisions rest on the same facts
-            self._replicas.check_replicas(params, self._steps + 1)
-            has_grad = self._replicas.any_rank(has_grad)
-            for p, ok in zip(params, has_grad):
-                if ok and p.grad is None:
-                    p.grad = torch.zeros_like(p)
-        if self.gradient_sync is not None:
-            self.gradient_sync.check_replicas(params, self._steps + 1)
+        # gradient_sync, or DDPRows' replica checker (the ranks move only their own rows)
+        replicas = self.gradient_sync if self.gradient_sync is not None else self._replicas
+        if replicas is not None:
+            replicas.check_replicas(params, self._steps + 1)
             # every decision below must be common to all ranks: a parameter with a gradient on
             # some rank has one (zeros) everywhere, so replicas move alike and none returns
-            # early while the others wait in the all-reduce
-            has_grad = self.gradient_sync.any_rank(has_grad)
+            # early while the others wait in a collective
+            has_grad = replicas.any_rank(has_grad)
             for p, ok in zip(params, has_grad):
                 if ok and p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -733,9 +728,11 @@ class OSFN(Optimizer):
         native = self._one_pass_kind()
         lazy = (not exact and not measure and not compiled and self.gradient_sync is None
                 and float(hyper["complement_in_subspace"]) == 1.0)
-        if layout.gradients_averaged:  # DDPRows: the native one-pass path on this rank's rows, or the torch path
-            lazy = (lazy and native is True and self._anchor is None and not self._preconditioned
-                    and self._rows_collect_applies(params, owners, has_grad, basis))
+        buffers = None  # DDPRows: the native one-pass path on this rank's rows, or the torch path
+        if layout.gradients_averaged:
+            if lazy and native is True and self._anchor is None:
+                buffers = self._collect_buffers(params, owners, has_grad, basis)
+            lazy = buffers is not None
         elif layout.sharded:
             lazy = False
         if basis.dtype == torch.bfloat16 and not (lazy and _one_pass_covers(native, basis, params)):
@@ -754,7 +751,7 @@ class OSFN(Optimizer):
             from_displacement = self._displacement_is_source()
             projected = None  # one native pass from the parameters' own buffers, where it applies
             if grad is None and lazy and native is True and sigma is None and not from_displacement:
-                projected = self._native_collect(params, owners, has_grad, basis, pair)
+                projected = self._native_collect(params, owners, has_grad, basis, pair, buffers)
             if projected is not None:  # the source went to pair[1], θ to the "before" buffer
                 projected, before = projected
                 source, in_pair = pair[1], False

@@ -54,9 +54,9 @@ def build_report(
     ``grad`` may then be None)."""
     sqnorms = None
     passes = one_pass(native, basis.T, grad, source) if projected is None and not layout.sharded else None
-    # (a sharded basis reaches the first branch only with its projections already summed over
-    # the ranks: DDPRows' one-pass path)
-    if (projected is not None or not layout.sharded) and not exact_residual and (projected is not None or passes is not None):
+    # (a sharded basis has no passes here: it reaches this branch only with its projections
+    # already summed over the ranks, DDPRows' one-pass path)
+    if not exact_residual and (projected is not None or passes is not None):
         both, sqnorms = projected if projected is not None else passes.project_pair(basis.T, grad, source)
         both = both.to(work_dtype(basis))
         coords, src_coords, residual = both[0], both[0] if source is None else both[1], None

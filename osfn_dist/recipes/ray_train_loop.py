@@ -115,8 +115,10 @@ def osfn_for(model: torch.nn.Module, parallel: str, exchange, worker_noise: bool
 
 def _sharded_rows(opt) -> bool:
     """shard_basis: this rank's optimizer state holds only its rows of V."""
+    from ..dataflow.shard import LocalShards
+
     layout = getattr(opt, "_layout", None)
-    return bool(layout is not None and layout.sharded and not layout.describe().get("kind") == "fsdp")
+    return bool(layout is not None and layout.sharded and not isinstance(layout, LocalShards))
 
 
 def _save(directory: str, model, opt, parallel: str, rank: int, step: int, actor) -> None:
