@@ -282,9 +282,15 @@ def true_subspace_table(name: str, lrs: list[float], seeds: int, steps: int, k: 
                 vals = [final_loss(work, make, steps, s, False) for s in range(seeds)]
             else:
                 pre, subspace = TRUE_ROWS[row]
-                vals = [true_subspace_loss(work, lr, pre, s, steps, k=k, subspace=subspace, every=every,
-                                           iters=k + 8 if row == "P-minibatch-short" else None, hvp_batch=hvp_batch)
-                        for s in range(seeds)]
+                vals = []
+                for s in range(seeds):
+                    t0 = time.perf_counter()
+                    vals.append(true_subspace_loss(work, lr, pre, s, steps, k=k, subspace=subspace, every=every,
+                                                   iters=k + 8 if row == "P-minibatch-short" else None,
+                                                   hvp_batch=hvp_batch))
+                    # progress on stderr (a run with Lanczos refreshes takes minutes); the table stays on stdout
+                    print(f"  [{name}] {row} lr {lr:g} seed {s}: {vals[-1]:.4g} in {time.perf_counter() - t0:.0f} s",
+                          file=sys.stderr, flush=True)
             cells.append(f"{statistics.mean(vals):.4g}" + (f" [{', '.join(f'{v:.3g}' for v in vals)}]" if seeds > 1 else ""))
         print(f"| {labels.get(row, row)} | " + " | ".join(cells) + " |", flush=True)
 
